@@ -151,7 +151,14 @@ def _describe_value(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def problems_from_validation(exc: ValidationError) -> list[SpecProblem]:
+def _is_secret_field(loc: tuple) -> bool:
+    owner = _model_at(loc)
+    if owner is None or not loc or loc[-1] not in owner.model_fields:
+        return False
+    return "SecretStr" in str(owner.model_fields[loc[-1]].annotation)
+
+
+def problems_from_validation(exc: ValidationError, secrets: list[str] = ()) -> list[SpecProblem]:
     problems: list[SpecProblem] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
@@ -159,6 +166,8 @@ def problems_from_validation(exc: ValidationError) -> list[SpecProblem]:
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
         path = _loc_to_path(loc)
         kind = err["type"]
+        if _is_secret_field(loc) or any(s and s in str(err.get("input")) for s in secrets):
+            err = {**err, "input": "***"}
         if kind == "extra_forbidden":
             owner = _model_at(loc)
             key = str(loc[-1])
@@ -199,7 +208,7 @@ def validate_data(data: Any, source: str = "<spec>", env: typing.Mapping[str, st
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(problems + problems_from_validation(exc), source) from None
+        raise SpecError(problems + problems_from_validation(exc, secrets), source) from None
     problems.extend(check_rules(spec))
     if problems:
         raise SpecError(problems, source)

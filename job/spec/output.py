@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import Section
 
@@ -26,6 +26,12 @@ class OutputSpec(Section):
     push_to: str | None = Field(None, description="Remote to publish to: `hf://owner/repo` (a model repo) or `s3://bucket/prefix`. null keeps everything local. Quickstart: `push_to_hub`.")
     hub_private: bool = Field(True, description="Create the Hub repo as private.")
     upload: UploadSpec = Field(default_factory=UploadSpec, description="What to upload.")
+
+    @field_validator("push_to")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        # `push_to: ${TRAINER_PUSH_TO:-}` with the variable unset means "keep results local".
+        return value.strip() or None if value is not None else None
 
 
 class S3Spec(Section):

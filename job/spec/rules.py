@@ -53,9 +53,6 @@ def check_rules(spec: JobSpec) -> list[SpecProblem]:
         add(SpecProblem("train.ema", "EMA options are set but train.use_ema is false", "set train.use_ema: true or remove train.ema"))
     if train.max_train_steps is None and train.num_train_epochs is None:
         add(SpecProblem("train.max_train_steps", "the job has no length", "set train.max_train_steps (or train.num_train_epochs)"))
-    if train.ignore_final_epochs and (train.max_train_steps is None or train.num_train_epochs is None):
-        add(SpecProblem("train.ignore_final_epochs", "only means something when both max_train_steps and num_train_epochs are set",
-                        "remove it, or set both"))
     if train.masked_loss and not any(ds.masks_dir for ds in spec.data.active()):
         add(SpecProblem("train.masked_loss", "no dataset has masks_dir, so there are no masks", "set data.datasets[i].masks_dir or turn masked_loss off"))
     if train.crepa.enabled and train.crepa.encoder == "dinov2_vitg14" and train.crepa.encoder_image_size != 518:
@@ -106,7 +103,7 @@ def check_rules(spec: JobSpec) -> list[SpecProblem]:
         add(SpecProblem("validation.preview.enabled", "previews are sent to webhooks, and none is configured", "add a webhook under `webhooks:` or turn previews off"))
     if val.preview.enabled and not val.enabled:
         add(SpecProblem("validation.preview.enabled", "previews need validation.enabled: true", "enable validation or turn previews off"))
-    if val.preview.steps > val.num_inference_steps:
+    if val.preview.enabled and val.preview.steps > val.num_inference_steps:
         add(SpecProblem("validation.preview.steps", f"{val.preview.steps} is more than num_inference_steps {val.num_inference_steps}: no preview would be sent",
                         "use a smaller preview.steps"))
     if val.eval_loss.enabled and spec.data.holdout_fraction == 0:
@@ -147,7 +144,7 @@ def spec_warnings(spec: JobSpec) -> list[SpecProblem]:
     if train.max_train_steps is not None and train.lr_warmup_steps >= train.max_train_steps:
         warnings.append(SpecProblem("train.lr_warmup_steps", f"{train.lr_warmup_steps} >= max_train_steps {train.max_train_steps}: the learning rate never leaves warmup",
                                     "use a warmup of a few percent of the steps"))
-    if model.base_model_precision == "bf16" and train.optimizer == "adamw":
+    if model.type == "full" and model.base_model_precision == "bf16" and train.optimizer == "adamw":
         warnings.append(SpecProblem("train.optimizer", "plain AdamW on bf16 weights loses small updates to rounding",
                                     "use adamw_bf16 or optimi-adamw, or base_model_precision: fp32"))
     if spec.memory.group_offload.to_disk_path and not spec.memory.group_offload.enabled:

@@ -71,7 +71,7 @@ class TrainSpec(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_train_steps: int | None = Field(None, ge=1, description="Optimizer steps to train. Either this or `num_train_epochs`.")
     num_train_epochs: int | None = Field(None, ge=1, description="Epochs to train when `max_train_steps` is unset.")
-    ignore_final_epochs: bool = Field(False, description="When both are set, stop at `max_train_steps` even if epochs remain (quickstart semantics).")
+    ignore_final_epochs: bool = Field(False, description="Train until `max_train_steps` even when `num_train_epochs` would end the run first (the epoch count is ignored).")
     seed: int = Field(42, ge=0, description="Seed for everything random in training (noise, timesteps, dropout, data order).")
     caption_dropout_probability: float = Field(0.1, ge=0.0, le=1.0, description="Chance a sample trains on the empty prompt (keeps classifier-free guidance working).")
     max_bad_steps: int = Field(10, ge=1, description="Steps with NaN/inf loss are skipped; after this many in a row the job stops with a clear message.")

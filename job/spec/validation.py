@@ -43,7 +43,7 @@ class ValidationSpec(Section):
     step_interval: int = Field(200, ge=1, description="Render every N optimizer steps (quickstart: `validation_step_interval`).")
     prompt: str = Field(DEFAULT_VALIDATION_PROMPT, min_length=1, description="Primary validation prompt (file name: `validation`).")
     negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, description="Negative prompt for classifier-free guidance.")
-    resolutions: list[str] = Field(default_factory=lambda: ["832x480"], min_length=1, description="`WxH` sizes to render (sides multiples of 16). Quickstart: `validation_resolution`.")
+    resolutions: list[str] = Field(default_factory=lambda: ["832x480"], min_length=1, description="`WxH` sizes to render (sides multiples of 32, as SanaVideoPipeline requires). Quickstart: `validation_resolution`.")
     num_video_frames: int = Field(81, ge=1, description="Frames per validation video; 4k+1.")
     guidance: float = Field(6.0, ge=1.0, le=30.0, description="Classifier-free guidance scale (SANA-Video default 6.0).")
     num_inference_steps: int = Field(50, ge=1, le=500, description="Denoising steps (SANA-Video default 50).")
@@ -60,8 +60,9 @@ class ValidationSpec(Section):
     def _wxh(cls, values: list[str]) -> list[str]:
         for value in values:
             width, height = parse_wxh(value)
-            if width % 16 or height % 16:
-                raise ValueError(f"{value}: both sides must be multiples of 16 (VAE 8x x patch 2); try {width // 16 * 16}x{height // 16 * 16}")
+            # SanaVideoPipeline refuses sides that are not multiples of 32 (checked in diffusers 0.42.1).
+            if width % 32 or height % 32 or width < 32 or height < 32:
+                raise ValueError(f"{value}: both sides must be multiples of 32 (SanaVideoPipeline's rule); try {max(32, width // 32 * 32)}x{max(32, height // 32 * 32)}")
         return values
 
     @field_validator("prompt_library")
@@ -80,12 +81,31 @@ class ValidationSpec(Section):
         return [parse_wxh(value) for value in self.resolutions]
 
 
+WEBHOOK_EVENTS = ("job_started", "phase_changed", "validation_ready", "checkpoint_saved", "job_finished", "job_failed", "preview")
+
+
 class WebhookSpec(Section):
     """A webhook that receives job events (and previews)."""
 
     url: SecretStr = Field(description="Webhook URL. Treated as a secret: put it in the environment and write `${MY_WEBHOOK_URL}`.")
     kind: str = Field("json", pattern="^(json|discord)$", description="`json`: a generic JSON POST. `discord`: Discord's webhook format (with image attachments).")
     events: list[str] = Field(
-        default_factory=lambda: ["job_started", "phase_changed", "validation_ready", "checkpoint_saved", "job_finished", "job_failed", "preview"],
+        default_factory=lambda: list(WEBHOOK_EVENTS),
         description="Events sent to this webhook.",
     )
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: SecretStr) -> SecretStr:
+        # The value is secret: say what is wrong without echoing it.
+        if not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (value hidden: it is a secret)")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, values: list[str]) -> list[str]:
+        unknown = sorted(set(values) - set(WEBHOOK_EVENTS))
+        if unknown:
+            raise ValueError(f"unknown events {unknown}; known: {list(WEBHOOK_EVENTS)}")
+        return values

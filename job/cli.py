@@ -1,0 +1,207 @@
+"""The `trainer` command line: one spec, one command per phase, or `run` for all of them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.markup import escape
+
+from job import __version__
+from job.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, InputError, PhaseUnavailable, SpecError, TrainerError
+from job.report import attach_json_log, console, event, log, register_secrets, setup_logging
+from job.spec import LoadedSpec, json_schema, load_spec, redacted_yaml
+
+app = typer.Typer(
+    name="trainer",
+    help="Fine-tune SANA-Video 2B 480p from one declarative YAML job spec.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+SpecArg = typer.Argument(..., help="Path of the job spec (YAML).", show_default=False)
+Verbose = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+
+PHASES = ("preflight", "pull", "cache", "train", "upload")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"trainer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+    """trainer: fine-tune SANA-Video from a job spec. Exit codes: 0 ok, 1 bug, 2 bad spec/input, 3 environment, 4 remote store."""
+
+
+def _print_warnings(loaded: LoadedSpec) -> None:
+    for warning in loaded.warnings:
+        console.print(f"[yellow]warning[/yellow] {escape(str(warning))}")
+
+
+def _open_job(spec_path: Path, verbose: bool):
+    """Load the spec, register its secrets, create the workspace and its event log."""
+    from job.workspace import Workspace
+
+    setup_logging(verbose)
+    loaded = load_spec(spec_path)
+    register_secrets(loaded.secret_values + _environment_secrets())
+    _print_warnings(loaded)
+    ws = Workspace.for_spec(loaded.spec)
+    attach_json_log(ws.events_log)
+    return loaded, ws
+
+
+def _environment_secrets() -> list[str]:
+    import os
+
+    names = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY")
+    return [os.environ[n] for n in names if os.environ.get(n)]
+
+
+def _phase_function(name: str) -> Callable:
+    """The entry function of a phase. A phase this build lacks says so; nothing pretends to work."""
+    raise PhaseUnavailable(
+        f"the `{name}` phase is not available in this build of trainer yet",
+        "see the README's 'Status' section for what this version can do",
+    )
+
+
+def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool) -> None:
+    loaded, ws = _open_job(spec_path, verbose)
+    for name in names:
+        event("phase_started", phase=name)
+        log.info("phase %s", name)
+        _phase_function(name)(loaded, ws)
+        event("phase_finished", phase=name)
+
+
+@app.command()
+def run(spec: Path = SpecArg, verbose: bool = Verbose) -> None:
+    """Run the whole job: preflight, pull, cache, train, upload. Every start resumes where the last one stopped."""
+    _run_phases(PHASES, spec, verbose)
+
+
+def _make_phase_command(name: str, summary: str) -> None:
+    def command(spec: Path = SpecArg, verbose: bool = Verbose) -> None:
+        _run_phases((name,), spec, verbose)
+
+    command.__doc__ = summary
+    app.command(name=name)(command)
+
+
+for _name, _summary in (
+    ("preflight", "Check Python, torch, CUDA, GPU, VRAM, RAM, disk and remote stores against the spec, before anything is downloaded."),
+    ("pull", "Fetch the weights and datasets the spec names into the workspace (resumable; skips what is present)."),
+    ("cache", "Compute text embeddings and VAE latents once (skips what is cached, recomputes what is stale)."),
+    ("train", "Fine-tune the transformer on the cached data (resumes from the latest checkpoint)."),
+    ("upload", "Upload checkpoints, validation videos, the final model and its card (only what is missing)."),
+):
+    _make_phase_command(_name, _summary)
+
+
+@app.command()
+def validate(
+    specs: list[Path] = typer.Argument(..., help="One or more spec files.", show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only report problems; do not print the resolved spec."),
+) -> None:
+    """Check spec files and print each resolved spec (secrets redacted) with every problem at once."""
+    failed = 0
+    for path in specs:
+        try:
+            loaded = load_spec(path)
+        except TrainerError as exc:
+            failed += 1
+            _print_error(exc, prefix=f"{path}: " if not isinstance(exc, SpecError) else "")
+            continue
+        if not quiet:
+            console.rule(str(path))
+            print(redacted_yaml(loaded.spec, loaded.secret_values + _environment_secrets()), end="")
+        _print_warnings(loaded)
+        console.print(f"[green]ok[/green] {escape(str(path))}")
+    if failed:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+           markdown: bool = typer.Option(False, "--markdown", help="A Markdown reference instead of JSON Schema.")) -> None:
+    """Print the JSON Schema of the spec (for editor autocompletion via yaml-language-server), or a Markdown reference."""
+    from job.spec.docs import markdown_reference
+
+    text = markdown_reference() if markdown else json.dumps(json_schema(), indent=2) + "\n"
+    if output:
+        from job.workspace import atomic_write_text
+
+        atomic_write_text(output, text)
+        console.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def init(path: Path = typer.Argument(Path("spec.yaml"), help="Where to write the starter spec."),
+         force: bool = typer.Option(False, "--force", help="Overwrite an existing file.")) -> None:
+    """Write a commented starter spec (the quickstart's 2B 480p job) to edit."""
+    from job.spec.starter import STARTER_SPEC
+    from job.workspace import atomic_write_text
+
+    if path.exists() and not force:
+        raise InputError(f"{path} already exists", "pass --force to overwrite it, or choose another path")
+    atomic_write_text(path, STARTER_SPEC)
+    console.print(f"wrote {path}; check it with: trainer validate {path}")
+
+
+@app.command("import-simpletuner")
+def import_simpletuner(
+    config: Path = typer.Argument(..., help="SimpleTuner config.json.", show_default=False),
+    backend: Optional[Path] = typer.Argument(None, help="SimpleTuner multidatabackend.json (default: the config's data_backend_config)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the spec here instead of stdout."),
+) -> None:
+    """Turn a SimpleTuner config.json (+ multidatabackend.json) into a job spec; unsupported keys are reported by name."""
+    from job.spec.simpletuner import convert_files
+    from job.workspace import atomic_write_text
+
+    text, unsupported = convert_files(config, backend)
+    for key, why in unsupported:
+        console.print(f"[yellow]not imported[/yellow] {escape(key)}: {escape(why)}")
+    if output:
+        atomic_write_text(output, text)
+        console.print(f"wrote {output}; check it with: trainer validate {output}")
+    else:
+        sys.stdout.write(text)
+
+
+def _print_error(exc: TrainerError, prefix: str = "") -> None:
+    console.print(f"[bold red]error[/bold red] {escape(prefix + str(exc))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user mistakes end in one message and a documented exit code, bugs in a traceback and 1."""
+    try:
+        # Standalone mode: usage errors print their help and exit 2 through SystemExit.
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_BAD_INPUT)
+    except TrainerError as exc:
+        _print_error(exc)
+        event("job_failed", error=str(exc), exit_code=exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+    except Exception:  # a bug in trainer: show everything
+        console.print_exception()
+        return EXIT_BUG
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
