@@ -26,7 +26,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     TRAINER_WORKSPACE=/workspace \
     PATH=/opt/venv/bin:$PATH
 
-# Python 3.12 and the FFmpeg libraries PyAV uses for video.
+# Python 3.12 and the FFmpeg libraries PyAV uses for video. Versions follow the pinned base
+# image's Ubuntu release (24.04), which is what fixes them; apt pins would break on every point update.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 python3.12-venv ca-certificates ffmpeg \
  && rm -rf /var/lib/apt/lists/* \
@@ -48,7 +50,7 @@ RUN pip install --no-deps . \
  && useradd --create-home --uid 1000 trainer \
  && mkdir -p /workspace && chown trainer:trainer /workspace
 
-USER trainer
+USER 1000:1000
 VOLUME ["/workspace"]
 WORKDIR /workspace
 ENTRYPOINT ["/usr/local/bin/trainer-entrypoint"]
