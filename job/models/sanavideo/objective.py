@@ -8,9 +8,10 @@ Rectified flow with the data at sigma 0 and the noise at sigma 1:
 Training sigmas come from diffusers' `compute_density_for_timestep_sampling` (logit-normal by
 default, uniform, or "mode"), then get the SANA-Video shift `s' = shift*s / (1 + (shift-1)*s)`
 (`train.timesteps.flow_shift`, 3.0 for 480p training). The transformer receives
-`timestep = sigma * 1000` as a float: the same convention as the pipeline, whose
-flow-sigma scheduler passes `scheduler.timesteps = sigmas * num_train_timesteps` (1000)
-straight to the transformer. The loss is the MSE in float32, optionally weighted per sample by
+`timestep = sigma * 1000`: the pipeline's convention, whose flow-sigma DPM-Solver passes
+`scheduler.timesteps = sigmas * num_train_timesteps` (1000, stored as int64, so truncated)
+straight to the transformer. Training keeps the fraction (a float timestep; the sinusoidal
+embedding is continuous, and the difference is under 0.1% of the range). The loss is the MSE in float32, optionally weighted per sample by
 `compute_loss_weighting_for_sd3` and restricted to a mask.
 
 Randomness comes only from the `torch.Generator` passed in (kept on the CPU, so the same seed
@@ -72,11 +73,26 @@ class FlowMatchingObjective:
         noisy = (1.0 - s) * x0 + s * noise
         return FlowInputs(noisy=noisy, target=noise - x0, sigmas=sig, timesteps=sigmas_to_timesteps(sig), noise=noise)
 
-    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> FlowInputs:
-        """Draw sigmas and noise from `generator` (sigmas first, then noise) and build the inputs."""
-        sigmas = self.sample_sigmas(x0.shape[0], generator)
+    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+                        world_size: int = 1, rank: int = 0) -> FlowInputs:
+        """Draw sigmas and noise from `generator` and build the inputs.
+
+        The shared generator gives, for the whole global batch (`world_size` x this process's
+        batch), one sigma and one noise seed per sample; this process keeps its slice and makes
+        each sample's noise from its own seed. So the generator advances the same way on every
+        process whatever the latent shapes, and N processes draw exactly what one process with
+        the global batch would.
+        """
+        b = x0.shape[0]
+        lo, hi = rank * b, (rank + 1) * b
+        sigmas = self.sample_sigmas(b * world_size, generator)[lo:hi]
         device = generator.device if generator is not None else "cpu"
-        noise = torch.randn(tuple(x0.shape), generator=generator, device=device, dtype=torch.float32)
+        seeds = torch.randint(0, 2**62, (b * world_size,), generator=generator, device=device)[lo:hi].tolist()
+        noise = torch.stack([
+            torch.randn(tuple(x0.shape[1:]), generator=torch.Generator(device=device).manual_seed(seed), device=device,
+                        dtype=torch.float32)
+            for seed in seeds
+        ])
         return self.make_inputs(x0, sigmas, noise)
 
     def loss_per_sample(self, pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor,

@@ -1,0 +1,195 @@
+"""Checkpoint folders: atomic, rotated, resumable.
+
+    checkpoints/
+      step_000100/            a complete checkpoint (has COMPLETE)
+        COMPLETE              written last; its presence is what makes the folder count
+        state.json            step, epoch, sampler position, counters, spec hash, world size
+        transformer/          full fine-tune: diffusers layout (loads with from_pretrained)
+        pytorch_lora_weights.safetensors   LoRA: loads with SanaVideoPipeline.load_lora_weights
+        optimizer.pt  scheduler.pt  ema.pt (with use_ema)  rng_0.pt ... (one per process)
+      .tmp-step_000200/       being written (or left by a kill): never read, removed on the next save
+
+A save writes into `.tmp-step_N`, fsyncs every file, renames it to `step_N`, then writes
+`COMPLETE`. `latest` is the highest-numbered folder that has the marker, so a kill at any moment
+leaves the previous checkpoint usable. Rotation keeps the newest `total_limit` complete
+checkpoints and removes incomplete leftovers; it never removes the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from job.errors import InputError
+from job.workspace import _fsync_dir, atomic_write_text
+
+COMPLETE = "COMPLETE"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (and `folder` itself)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+class CheckpointStore:
+    def __init__(self, root: Path, total_limit: int | None = None):
+        self.root = Path(root)
+        self.total_limit = total_limit
+
+    def complete(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        found = [(checkpoint_step(p), p) for p in self.root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        return sorted((s, p) for s, p in found if is_complete(p))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def incomplete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and (
+            p.name.startswith(TMP_PREFIX) or (checkpoint_step(p) is not None and not is_complete(p))))
+
+    def tmp_dir(self, step: int) -> Path:
+        return self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
+
+    def begin(self, step: int) -> Path:
+        tmp = self.tmp_dir(step)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, step: int) -> Path:
+        """fsync `tmp`, rename it to `step_N`, then write the COMPLETE marker."""
+        fsync_tree(tmp)
+        final = self.root / step_dir_name(step)
+        old = None
+        if final.exists():  # an incomplete leftover, or a checkpoint of the same step being replaced
+            old = self.root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            if is_complete(final):
+                (final / COMPLETE).unlink()
+                _fsync_dir(final)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write_text(final / COMPLETE, json.dumps({"step": step, "time": round(time.time(), 3)}) + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def rotate(self) -> list[Path]:
+        """Remove incomplete leftovers and the oldest complete checkpoints beyond `total_limit`."""
+        removed = []
+        for path in self.incomplete():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        done = self.complete()
+        if self.total_limit is not None and len(done) > self.total_limit:
+            for _, path in done[: len(done) - max(self.total_limit, 1)]:
+                (path / COMPLETE).unlink(missing_ok=True)  # incomplete first, so a crash mid-delete is harmless
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    def resolve(self, value: str, resolve_path) -> Path | None:
+        """`checkpoints.resume_from_checkpoint` -> the folder to resume from (None = start fresh)."""
+        if value == "none":
+            return None
+        if value == "latest":
+            return self.latest()
+        path = resolve_path(value)
+        if not path.is_dir():
+            raise InputError(f"checkpoints.resume_from_checkpoint {value!r}: {path} does not exist",
+                             "use 'latest', 'none', or the path of a checkpoint folder (step_NNNNNN)")
+        if not is_complete(path):
+            raise InputError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while being written",
+                             "resume from an earlier checkpoint, or use 'latest' (which skips incomplete ones)")
+        return path
+
+
+# --- RNG states -------------------------------------------------------------------------------
+
+
+def capture_rng(generator: torch.Generator | None) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def _to_tuple(value):
+    if isinstance(value, list):
+        return tuple(_to_tuple(v) for v in value)
+    return value
+
+
+def save_pt(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_pt(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"checkpoint file {path} is missing", "resume from another checkpoint, or set checkpoints.resume_from_checkpoint: none")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"checkpoint {folder} has no readable state.json ({exc})",
+                         "resume from another checkpoint, or set checkpoints.resume_from_checkpoint: none") from exc

@@ -1,0 +1,109 @@
+"""The train phase: `run_train(spec, ws) -> TrainResult`. The loop itself fits one screen.
+
+Setup (model, LoRA, optimizer, EMA, data, resume) is in `session.py`; one optimizer step is in
+`step.py`; checkpoints in `checkpoints.py`; the final model in `final.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from .final import read_summary, write_final
+from .hooks import StepInfo, TrainHooks, TrainResult
+from .metrics import peak_memory_gb
+from .session import TrainSession, build_session, training_hash
+from .signals import StopRequest
+from .step import train_step
+
+if TYPE_CHECKING:
+    from job.spec import JobSpec
+    from job.workspace import Workspace
+
+log = logging.getLogger("trainer.train")
+
+
+def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None) -> TrainResult:
+    """Train (or resume) as the spec says. Returns completed | stopped_early | already_complete.
+
+    Raises TrainerError subclasses for what a user can fix (InputError: no cached samples, bad
+    checkpoint path; EnvironmentProblem: a missing optimizer package; PhaseUnavailable: a spec
+    feature this build does not train with; TrainingDiverged: NaN/inf for max_bad_steps steps),
+    and `HardStop` (a KeyboardInterrupt) on a second SIGTERM/SIGINT.
+    """
+    hooks = hooks or TrainHooks()
+    done = _already_complete(spec, ws)
+    if done is not None:
+        return done
+    s = build_session(spec, ws)
+    try:
+        with StopRequest() as stop:
+            batches = s.batches()
+            s.metrics.note("train_started", step=s.step, total_steps=s.total_steps, resumed_from=str(s.resumed_from or ""))
+            while s.step < s.total_steps:
+                started = time.perf_counter()
+                out = train_step(s, batches)
+                if not out.skipped:
+                    dt = time.perf_counter() - started
+                    metrics = dict(loss=out.loss, lr=s.scheduler.get_last_lr()[0], grad_norm=out.grad_norm, step_time=dt,
+                                   samples_per_s=out.samples / dt, tokens_per_s=out.tokens / dt,
+                                   peak_mem_gb=peak_memory_gb(s.accelerator.device),
+                                   epoch=s.epoch + s.position / len(s.sampler))
+                    s.metrics.log(s.step, metrics)
+                    for callback in hooks.on_step_end:
+                        callback(StepInfo(s.step, s.total_steps, s.epoch, metrics, s.accelerator.is_main_process, s))
+                stop_now, time_due = _agreed_flags(s, stop)
+                if s.step < s.total_steps and (stop_now or time_due or s.step % spec.checkpoints.step_interval == 0):
+                    _checkpoint(s, hooks)
+                if stop_now:
+                    return _stopped(s, stop)
+            if s.last_checkpoint is None or s.last_checkpoint.name != f"step_{s.step:06d}":
+                _checkpoint(s, hooks)
+            final = write_final(s) if s.accelerator.is_main_process else ws.final_dir
+            s.accelerator.wait_for_everyone()
+            s.metrics.note("train_completed", step=s.step, final_dir=str(final))
+            return TrainResult("completed", s.step, s.total_steps, s.last_checkpoint, final, f"trained {s.step} steps")
+    finally:
+        s.metrics.close()
+
+
+def _checkpoint(s: TrainSession, hooks: TrainHooks) -> None:
+    path = s.save_checkpoint()
+    if s.accelerator.is_main_process:
+        for callback in hooks.on_checkpoint:
+            callback(path, s.step)
+
+
+def _agreed_flags(s: TrainSession, stop: StopRequest) -> tuple[bool, bool]:
+    """(stop now, checkpoint by time), the same on every process."""
+    t, c = s.spec.train, s.spec.checkpoints
+    if t.max_train_hours is not None and time.monotonic() - s.started >= t.max_train_hours * 3600:
+        stop.request(f"the time budget train.max_train_hours={t.max_train_hours} is used up")
+    time_due = c.minutes_interval is not None and time.monotonic() - s.last_save >= c.minutes_interval * 60
+    flags = torch.tensor([float(stop.requested), float(time_due)], device=s.accelerator.device)
+    flags = s.accelerator.reduce(flags, "max")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def _stopped(s: TrainSession, stop: StopRequest) -> TrainResult:
+    why = stop.reason or "a stop signal"
+    message = f"stopped early at step {s.step}/{s.total_steps} ({why}); resumable: run the same spec again"
+    log.warning(message)
+    s.metrics.note("train_stopped", step=s.step, reason=why, checkpoint=str(s.last_checkpoint))
+    return TrainResult("stopped_early", s.step, s.total_steps, s.last_checkpoint, None, message)
+
+
+def _already_complete(spec, ws) -> TrainResult | None:
+    summary = read_summary(ws)
+    if (spec.checkpoints.resume_from_checkpoint == "none" or not summary or summary.get("status") != "completed"
+            or summary.get("spec_hash") != training_hash(spec)):
+        return None
+    from .checkpoints import CheckpointStore
+
+    latest = CheckpointStore(ws.checkpoints_dir).latest()
+    log.info("training already complete (%s): nothing to do", ws.final_dir)
+    return TrainResult("already_complete", summary["final_step"], summary["total_steps"], latest, ws.final_dir,
+                       f"already complete at step {summary['final_step']}")

@@ -1,0 +1,113 @@
+"""One optimizer step: micro-batches, loss, backward, clipping, the NaN/inf guard, the update."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from job.errors import EXIT_BAD_INPUT, TrainerError
+
+log = logging.getLogger("trainer.train")
+
+
+class TrainingDiverged(TrainerError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    samples: int  # clips in this optimizer step, all processes
+    tokens: int  # transformer tokens in this optimizer step, all processes
+    skipped: bool = False
+
+
+def caption_dropout(s, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings and mask, with some samples replaced by the cached empty prompt."""
+    embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
+    b = embeds.shape[0]
+    drop = (torch.rand(b * s.world, generator=s.generator) < s.spec.train.caption_dropout_probability)[s.rank * b:(s.rank + 1) * b]
+    if s.empty_prompt is not None and bool(drop.any()):
+        empty_embeds, empty_mask = s.empty_prompt
+        embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype)[None], embeds)
+        mask = torch.where(drop[:, None], empty_mask.to(mask.dtype)[None], mask)
+    return embeds.to(device, s.weight_dtype), mask.to(device)
+
+
+def compute_loss(s, batch: dict) -> torch.Tensor:
+    device = s.accelerator.device
+    x0 = batch["latents"].to(device, torch.float32)
+    embeds, text_mask = caption_dropout(s, batch, device)
+    inputs = s.objective.training_inputs(x0, s.generator, world_size=s.world, rank=s.rank)
+    pred = s.transformer(
+        inputs.noisy.to(s.weight_dtype), encoder_hidden_states=embeds, encoder_attention_mask=text_mask,
+        timestep=inputs.timesteps, return_dict=False,
+    )[0]
+    loss_mask = batch["mask"] if s.spec.train.masked_loss else None
+    return s.objective.loss(pred, inputs.target, inputs.sigmas, None if loss_mask is None else loss_mask.to(device))
+
+
+def clip_gradients(s) -> float:
+    """Clip by `max_grad_norm` (norm or value; 0 = off). Returns the global norm before clipping."""
+    t, acc = s.spec.train, s.accelerator
+    if t.max_grad_norm > 0 and t.grad_clip_method == "norm":
+        return float(acc.clip_grad_norm_(s.params, t.max_grad_norm))
+    grads = [p for p in s.params if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(grads, float("inf"))) if grads else 0.0  # measures, scales by 1
+    if t.max_grad_norm > 0:
+        acc.clip_grad_value_(s.params, t.max_grad_norm)
+    return norm
+
+
+def tokens_per_sample(s, latents: torch.Tensor) -> int:
+    pt, ph, pw = s.model.config.patch_size
+    _, _, f, h, w = latents.shape
+    return (f // pt) * (h // ph) * (w // pw)
+
+
+def train_step(s, batches) -> StepOutcome:
+    t, acc = s.spec.train, s.accelerator
+    accum = t.gradient_accumulation_steps
+    losses, samples, tokens = [], 0, 0
+    for micro in range(accum):
+        batch = next(batches)
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last else acc.no_sync(s.transformer):
+            loss = compute_loss(s, batch)
+            acc.backward(loss / accum)
+        losses.append(loss.detach().float())
+        samples += batch["latents"].shape[0] * s.world
+        tokens += tokens_per_sample(s, batch["latents"]) * batch["latents"].shape[0] * s.world
+    loss_value = float(acc.reduce(torch.stack(losses).mean(), "mean"))
+    grad_norm = clip_gradients(s)
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        s.optimizer.zero_grad(set_to_none=True)
+        s.bad_in_row += 1
+        s.bad_total += 1
+        log.warning("step %d skipped: loss %s, gradient norm %s (%d bad in a row, at most %d)",
+                    s.step + 1, loss_value, grad_norm, s.bad_in_row, t.max_bad_steps)
+        if s.bad_in_row >= t.max_bad_steps:
+            raise TrainingDiverged(
+                f"training diverged: {s.bad_in_row} optimizer steps in a row had a NaN/inf loss or gradient "
+                f"(steps {s.step + 1}..; train.max_bad_steps is {t.max_bad_steps})",
+                "lower train.learning_rate, keep train.max_grad_norm > 0, re-run the cache phase if the latents may be "
+                "broken, or resume from an earlier checkpoint",
+            )
+        return StepOutcome(loss_value, grad_norm, samples, tokens, skipped=True)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    s.bad_in_row = 0
+    s.samples_seen += samples
+    s.last_loss = loss_value
+    if s.ema is not None:
+        s.ema.maybe_update(s.step)
+    return StepOutcome(loss_value, grad_norm, samples, tokens)
