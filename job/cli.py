@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.markup import escape
 
 from job import __version__
-from job.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, InputError, PhaseUnavailable, SpecError, TrainerError
+from job.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, EnvironmentProblem, InputError, SpecError, TrainerError
 from job.report import attach_json_log, console, event, log, register_secrets, setup_logging
 from job.spec import LoadedSpec, json_schema, load_spec, redacted_yaml
 
@@ -66,21 +66,22 @@ def _environment_secrets() -> list[str]:
     return [os.environ[n] for n in names if os.environ.get(n)]
 
 
-def _phase_function(name: str) -> Callable:
-    """The entry function of a phase. A phase this build lacks says so; nothing pretends to work."""
-    raise PhaseUnavailable(
-        f"the `{name}` phase is not available in this build of trainer yet",
-        "see the README's 'Status' section for what this version can do",
-    )
+def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool, **options) -> None:
+    from job.phases import PHASES, StoppedEarly
 
-
-def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool) -> None:
     loaded, ws = _open_job(spec_path, verbose)
+    event("job_started", spec=str(spec_path), phases=list(names))
     for name in names:
         event("phase_started", phase=name)
         log.info("phase %s", name)
-        _phase_function(name)(loaded, ws)
+        try:
+            PHASES[name](loaded, ws, **options.get(name, {}))
+        except StoppedEarly as stop:
+            console.print(f"[yellow]stopped[/yellow] {escape(str(stop))}")
+            event("job_stopped", phase=name, message=str(stop))
+            return
         event("phase_finished", phase=name)
+    event("job_finished", phases=list(names))
 
 
 @app.command()
@@ -97,10 +98,16 @@ def _make_phase_command(name: str, summary: str) -> None:
     app.command(name=name)(command)
 
 
+@app.command()
+def cache(spec: Path = SpecArg, verbose: bool = Verbose,
+          prune: bool = typer.Option(False, "--prune", help="Delete cache files no current sample uses.")) -> None:
+    """Compute text embeddings and VAE latents once (skips what is cached, recomputes what is stale)."""
+    _run_phases(("cache",), spec, verbose, cache={"prune": prune})
+
+
 for _name, _summary in (
     ("preflight", "Check Python, torch, CUDA, GPU, VRAM, RAM, disk and remote stores against the spec, before anything is downloaded."),
     ("pull", "Fetch the weights and datasets the spec names into the workspace (resumable; skips what is present)."),
-    ("cache", "Compute text embeddings and VAE latents once (skips what is cached, recomputes what is stale)."),
     ("train", "Fine-tune the transformer on the cached data (resumes from the latest checkpoint)."),
     ("upload", "Upload checkpoints, validation videos, the final model and its card (only what is missing)."),
 ):
@@ -157,6 +164,27 @@ def init(path: Path = typer.Argument(Path("spec.yaml"), help="Where to write the
         raise InputError(f"{path} already exists", "pass --force to overwrite it, or choose another path")
     atomic_write_text(path, STARTER_SPEC)
     console.print(f"wrote {path}; check it with: trainer validate {path}")
+
+
+@app.command()
+def smoke(workspace: Path = typer.Option(Path("workspace-smoke"), "--workspace", "-w", help="Folder for the tiny model, clips and outputs."),
+          fresh: bool = typer.Option(False, "--fresh", help="Delete the folder first."),
+          verbose: bool = Verbose) -> None:
+    """Generate a tiny random SANA-Video model and synthetic clips, then run every phase on them (CPU, about a minute)."""
+    import os
+
+    from job.smoke import prepare_smoke_workspace
+    from job.spec.starter import SMOKE_SPEC_PATH
+
+    material = prepare_smoke_workspace(workspace, fresh=fresh)
+    os.environ["TRAINER_WORKSPACE"] = str(material.workspace)
+    _run_phases(PHASES, Path(str(SMOKE_SPEC_PATH)), verbose)
+    output = material.workspace / "output"
+    expected = [output / "final" / "transformer" / "config.json", output / "validation" / "index.html"]
+    missing = [str(p) for p in expected if not p.exists()]
+    if missing:
+        raise EnvironmentProblem(f"the smoke job finished without {', '.join(missing)}", "run `trainer smoke --fresh -v` and report the log")
+    console.print(f"[green]smoke test passed[/green]: outputs in {material.workspace / 'output'}")
 
 
 @app.command("import-simpletuner")

@@ -7,9 +7,8 @@
 `BucketBatchSampler` is the data package's (`job.data.sampler`), re-exported here: one sampler
 for raw videos and cached latents, deterministic and exactly resumable.
 
-`repeats` are applied upstream by the data planner (the cache holds one file per sample window to
-train on); this module reads what is cached, nothing more. Every batch comes from one bucket, so
-its latents stack.
+The cache holds one file per sample window; `repeats` are applied here, when the training split
+is listed. Every batch comes from one bucket, so its latents stack.
 """
 
 from __future__ import annotations
@@ -83,9 +82,12 @@ class CachedDataset(Dataset):
         self.text_cache_dir = Path(ws.text_cache_dir)
         self.entries: list[CacheEntry] = []
         for ds in spec.data.active():
+            # `repeats` lists each training clip 1 + repeats times per epoch (the cache holds it once);
+            # held-out clips are evaluated once.
+            copies = 1 + ds.repeats if split == "train" else 1
             for entry in _entries_for(ds.id, Path(ws.latent_cache_dir(ds))):
                 if entry.is_holdout == (split == "holdout"):
-                    self.entries.append(entry)
+                    self.entries.extend([entry] * copies)
 
     def __len__(self) -> int:
         return len(self.entries)

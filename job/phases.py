@@ -1,0 +1,215 @@
+"""The phases of a job, each one entry function `(loaded, ws) -> None`, in the order `trainer run` uses.
+
+Every phase may be re-run: it skips what an earlier run finished and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from job.errors import TrainerError
+from job.report import console, event
+from job.spec import LoadedSpec, redacted_yaml
+from job.workspace import Workspace, atomic_write_text, is_remote
+
+log = logging.getLogger("trainer.phases")
+
+# Files of a diffusers folder the job needs; weights in other formats (.bin duplicates, ONNX,
+# fp16 variants) are not downloaded.
+MODEL_FILES = ["model_index.json", "*/config.json", "*.safetensors", "*.safetensors.index.json", "*/*.json",
+               "tokenizer/*", "scheduler/*"]
+
+
+def _s3_options(spec):
+    from job.storage import S3Options
+
+    s3 = spec.storage.s3
+    return S3Options(endpoint_url=s3.endpoint_url, region=s3.region, addressing_style=s3.addressing_style)
+
+
+def _hub_uri(location: str) -> str:
+    return location if is_remote(location) else f"hf://{location}"
+
+
+def _pull_one(spec, uri: str, dest: Path, include: list[str] | None) -> int:
+    """Download `uri` into `dest`; files already there with the right size/hash are skipped."""
+    from job.storage import open_storage
+
+    with open_storage(uri, _s3_options(spec)) as store:
+        files = store.download_folder("", dest, include=include)
+    atomic_write_text(dest / ".trainer-pull.json", json.dumps({"source": uri, "files": len(files), "time": time.time()}))
+    return len(files)
+
+
+def pull(loaded: LoadedSpec, ws: Workspace) -> None:
+    """Weights and datasets into the workspace. Local paths are used in place."""
+    spec = loaded.spec
+    wanted: list[tuple[str, str, Path, list[str] | None]] = []
+    for label, location in (("base model", spec.model.pretrained_model_name_or_path),
+                            ("VAE", spec.model.pretrained_vae_model_name_or_path),
+                            ("CREPA encoder", spec.train.crepa.encoder_path if spec.train.crepa.enabled else None)):
+        if not location:
+            continue
+        local = ws.model_dir(location)
+        # ws.model_dir maps remote locations (and bare Hub ids with no such local folder) to a pull folder.
+        if local != ws.resolve(location.removeprefix("file://")):
+            wanted.append((label, _hub_uri(location), local, MODEL_FILES if label != "CREPA encoder" else None))
+    for ds in spec.data.active():
+        if is_remote(ds.source):
+            wanted.append((f"dataset {ds.id}", ds.source, ws.dataset_dir(ds), None))
+    if not wanted:
+        console.print("pull: nothing to download (every model and dataset is a local path)")
+        return
+    seen: set[tuple[str, Path]] = set()
+    for label, uri, dest, include in wanted:
+        if (uri, dest) in seen:
+            continue
+        seen.add((uri, dest))
+        started = time.monotonic()
+        count = _pull_one(spec, uri, dest, include)
+        event("pulled", what=label, source=uri, files=count, seconds=round(time.monotonic() - started, 2))
+        console.print(f"pull: {label}: {count} files in {dest}")
+
+
+def preflight(loaded: LoadedSpec, ws: Workspace) -> None:
+    from job.preflight import preflight_phase
+
+    preflight_phase(loaded, ws)
+
+
+def cache(loaded: LoadedSpec, ws: Workspace, prune: bool = False) -> None:
+    from job.cache.phase import run_cache
+
+    result = run_cache(loaded.spec, ws, prune=prune)
+    if result.failed:
+        log.warning("%d items could not be cached; see %s", result.failed, ws.state_dir / "cache.json")
+
+
+def _validation_hook(spec, ws: Workspace, webhooks) -> Callable:
+    """Render validation videos on the main process at `validation.step_interval` and at the end."""
+    from job.cache import format as fmt
+    from job.validate.render import run_validation, validation_due
+
+    state: dict = {}
+
+    def embeddings_for(text: str, negative: bool = False):
+        keys = state.setdefault("keys", fmt.text_key_context(spec, ws))
+        key = keys.negative_key(text) if negative else keys.key(text)
+        if not fmt.has_text_embedding(ws.text_cache_dir, key):
+            raise TrainerError(f"the validation prompt {text[:60]!r} has no cached embedding",
+                               "run `trainer cache SPEC` again (it embeds validation prompts)")
+        return fmt.read_text_embedding(ws.text_cache_dir, key)
+
+    def parts():
+        if "parts" not in state:
+            from diffusers import DPMSolverMultistepScheduler
+
+            from job.models.sanavideo.loading import load_components
+
+            model_dir = ws.model_dir(spec.model.pretrained_model_name_or_path)
+            vae = spec.model.pretrained_vae_model_name_or_path
+            loaded = load_components(model_dir, vae_path=ws.model_dir(vae) if vae else None, parts={"vae"})
+            loaded.scheduler = DPMSolverMultistepScheduler.from_pretrained(model_dir, subfolder="scheduler")
+            state["parts"] = loaded
+        return state["parts"]
+
+    def on_step_end(info) -> None:
+        if not info.is_main_process or not validation_due(spec, info.step, info.total_steps):
+            return
+        components = parts()
+        components.transformer = info.session.model
+        device = next(info.session.model.parameters()).device
+        components.vae.to(device)
+        run_validation(spec, ws, components, info.step, embeddings_for, ema=info.session.ema, webhooks=webhooks)
+
+    return on_step_end
+
+
+def _eval_loss_hook(spec, ws: Workspace) -> Callable:
+    from job.cache.reader import CachedDataset
+    from job.validate.eval_loss import EvalLoss
+
+    holdout = CachedDataset(ws, spec, split="holdout")
+    items = [(item["latents"], item["prompt_embeds"], item["prompt_attention_mask"]) for item in
+             (holdout[i] for i in range(min(len(holdout), spec.validation.eval_loss.max_samples)))]
+    evaluator = EvalLoss(spec, items)
+
+    def on_step_end(info) -> None:
+        if items and evaluator.due(info.step):
+            result = evaluator.evaluator(info.session.model)
+            metrics = result.metrics()
+            event("eval_loss", step=info.step, **metrics)
+            if info.is_main_process:
+                console.print(f"eval loss at step {info.step}: {result.overall:.5f}")
+
+    return on_step_end
+
+
+def train(loaded: LoadedSpec, ws: Workspace) -> None:
+    from job.report.webhooks import Webhooks
+    from job.train import TrainHooks, run_train
+
+    spec = loaded.spec
+    hooks = TrainHooks()
+    webhooks = Webhooks(spec.webhooks, job_name=spec.name)
+    try:
+        if spec.validation.enabled:
+            hooks.on_step_end.append(_validation_hook(spec, ws, webhooks))
+        if spec.validation.eval_loss.enabled:
+            hooks.on_step_end.append(_eval_loss_hook(spec, ws))
+        hooks.on_checkpoint.append(lambda path, step: webhooks.send("checkpoint_saved", {"step": step, "path": str(path)}))
+        result = run_train(spec, ws, hooks)
+    finally:
+        webhooks.close()
+    console.print(f"train: {result.status} at step {result.step}/{result.total_steps}" + (f" — {result.message}" if result.message else ""))
+    if result.resumable:
+        # Stopped by a signal or the wall-clock budget: the next start resumes. Nothing after train runs.
+        raise StoppedEarly(result.message or "stopped early; the next run resumes from the latest checkpoint")
+
+
+class StoppedEarly(Exception):
+    """Training stopped at a checkpoint on request (signal, time budget): exit 0, skip later phases."""
+
+
+def upload(loaded: LoadedSpec, ws: Workspace) -> None:
+    """Push the final model, validation videos and logs to `output.push_to` (only what is missing)."""
+    spec = loaded.spec
+    if not spec.output.push_to:
+        console.print(f"upload: nothing to do, results stay local in {ws.output_dir} (output.push_to is not set)")
+        return
+    from job.storage import open_storage
+
+    parts = []
+    if spec.output.upload.final_model and ws.final_dir.exists():
+        parts.append((ws.final_dir, "final"))
+    if spec.output.upload.validation and ws.validation_dir.exists():
+        parts.append((ws.validation_dir, "validation"))
+    if spec.output.upload.logs and ws.logs_dir.exists():
+        parts.append((ws.logs_dir, "logs"))
+    atomic_write_text(ws.output_dir / "spec.yaml", redacted_yaml(spec, loaded.secret_values))
+    with open_storage(spec.output.push_to, _s3_options(spec)) as store:
+        remote = {f.path: f.size for f in store.list("")}
+        sent = 0
+        for folder, prefix in parts:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+                if remote.get(key) == path.stat().st_size and prefix != "logs":
+                    continue
+                store.upload_file(path, key, progress=False)
+                sent += 1
+        store.upload_file(ws.output_dir / "spec.yaml", "spec.yaml", progress=False)
+    event("uploaded", target=spec.output.push_to, files=sent)
+    console.print(f"upload: {sent} files sent to {spec.output.push_to}")
+
+
+PHASES: dict[str, Callable[[LoadedSpec, Workspace], None]] = {
+    "preflight": preflight,
+    "pull": pull,
+    "cache": cache,
+    "train": train,
+    "upload": upload,
+}
