@@ -14,14 +14,15 @@ class VideoOptions(Section):
 
     num_frames: int = Field(81, ge=1, description="Frames per training sample; of the form 4k+1 (81 -> 21 latent frames).")
     min_frames: int | None = Field(None, ge=1, description="Clips with fewer frames (after resampling to `framerate`) are skipped and counted in the report. Default: `num_frames`.")
-    max_frames: int | None = Field(None, ge=1, description="Longest clip length used, in frames; longer clips are cut to windows within it. Default: no limit.")
+    max_frames: int | None = Field(None, ge=1, description="Longest part of a clip that is used, in frames (windows are always `num_frames` long). Default: no limit.")
     is_i2v: bool = Field(False, description="Keep the first frame as an image condition for image-to-video training.")
     bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = Field(
         "aspect_ratio",
-        description="`aspect_ratio`: group clips by spatial aspect ratio only (e.g. 1.78, 0.75). `resolution_frames`: group by "
-        "`WxH@F` (e.g. `832x480@81`), for mixed resolution/duration datasets.",
+        description="`aspect_ratio`: group clips by spatial aspect ratio (e.g. 1.78, 0.75); clips shorter than `num_frames` "
+        "(but at least `min_frames`) get buckets of their own frame count, since a batch cannot mix lengths. `resolution_frames`: "
+        "group by `WxH@F` (e.g. `832x480@81`), for mixed resolution/duration datasets.",
     )
-    frame_interval: int | None = Field(None, ge=1, description="With `resolution_frames`: round frame counts down to this interval (and then to 4k+1).")
+    frame_interval: int | None = Field(None, ge=1, description="With `resolution_frames`: clips shorter than `num_frames` have their frame count rounded down to this interval (then to 4k+1); full windows stay `num_frames`.")
     windows: Literal["one", "all"] = Field("one", description="A long clip gives `one` window (its start) or `all` non-overlapping windows of `num_frames`.")
 
     @field_validator("num_frames")
