@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
+from job.workspace import fsync_dir
 from job.errors import EnvironmentProblem, InputError, StorageError, TrainerError
 
 log = logging.getLogger("trainer.storage")
@@ -413,20 +414,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (best effort: not every filesystem supports it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def temp_name(dest: Path) -> Path:

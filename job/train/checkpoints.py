@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from job.errors import InputError
-from job.workspace import _fsync_dir, atomic_write_text
+from job.workspace import fsync_dir, atomic_write_text
 
 COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
@@ -59,7 +59,7 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
 class CheckpointStore:
@@ -102,10 +102,10 @@ class CheckpointStore:
             old = self.root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
             if is_complete(final):
                 (final / COMPLETE).unlink()
-                _fsync_dir(final)
+                fsync_dir(final)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         atomic_write_text(final / COMPLETE, json.dumps({"step": step, "time": round(time.time(), 3)}) + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,7 @@ from typing import Any
 import job
 from job.report import scrub
 from job.spec import redacted_yaml
-from job.workspace import _fsync_dir
+from job.workspace import fsync_dir
 
 from .checkpoints import fsync_tree
 from .model import save_weights
@@ -76,6 +76,6 @@ def write_final(session) -> Path:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job.workspace import _fsync_dir
+from job.workspace import fsync_dir
 
 log = logging.getLogger("trainer.validate")
 
@@ -106,7 +106,7 @@ def write_mp4(path: Path | str, frames: np.ndarray, fps: int, crf: int = 18) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
