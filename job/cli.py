@@ -105,8 +105,15 @@ def cache(spec: Path = SpecArg, verbose: bool = Verbose,
     _run_phases(("cache",), spec, verbose, cache={"prune": prune})
 
 
+@app.command()
+def preflight(spec: Path = SpecArg, verbose: bool = Verbose,
+              json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (for automation)."),
+              offline: bool = typer.Option(False, "--offline", help="Skip the reachability checks of remote stores.")) -> None:
+    """Check Python, torch, CUDA, GPU, VRAM, RAM, disk and remote stores against the spec, before anything is downloaded."""
+    _run_phases(("preflight",), spec, verbose, preflight={"json_output": json_output, "check_remotes": not offline})
+
+
 for _name, _summary in (
-    ("preflight", "Check Python, torch, CUDA, GPU, VRAM, RAM, disk and remote stores against the spec, before anything is downloaded."),
     ("pull", "Fetch the weights and datasets the spec names into the workspace (resumable; skips what is present)."),
     ("train", "Fine-tune the transformer on the cached data (resumes from the latest checkpoint)."),
     ("upload", "Upload checkpoints, validation videos, the final model and its card (only what is missing)."),

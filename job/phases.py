@@ -75,10 +75,10 @@ def pull(loaded: LoadedSpec, ws: Workspace) -> None:
         console.print(f"pull: {label}: {count} files in {dest}")
 
 
-def preflight(loaded: LoadedSpec, ws: Workspace) -> None:
+def preflight(loaded: LoadedSpec, ws: Workspace, json_output: bool = False, check_remotes: bool = True) -> None:
     from job.preflight import preflight_phase
 
-    preflight_phase(loaded, ws)
+    preflight_phase(loaded, ws, json_output=json_output, check_remotes=check_remotes)
 
 
 def cache(loaded: LoadedSpec, ws: Workspace, prune: bool = False) -> None:
