@@ -68,20 +68,34 @@ def _environment_secrets() -> list[str]:
 
 def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool, **options) -> None:
     from job.phases import PHASES, StoppedEarly
+    from job.report.webhooks import Webhooks
 
     loaded, ws = _open_job(spec_path, verbose)
-    event("job_started", spec=str(spec_path), phases=list(names))
-    for name in names:
-        event("phase_started", phase=name)
-        log.info("phase %s", name)
-        try:
-            PHASES[name](loaded, ws, **options.get(name, {}))
-        except StoppedEarly as stop:
-            console.print(f"[yellow]stopped[/yellow] {escape(str(stop))}")
-            event("job_stopped", phase=name, message=str(stop))
-            return
-        event("phase_finished", phase=name)
-    event("job_finished", phases=list(names))
+    webhooks = Webhooks(loaded.spec.webhooks, job_name=loaded.spec.name)
+    options.setdefault("train", {})["webhooks"] = webhooks
+
+    def announce(name: str, **fields) -> None:
+        event(name, **fields)
+        webhooks.send(name, fields)
+
+    try:
+        announce("job_started", phases=list(names))
+        for name in names:
+            announce("phase_changed", phase=name)
+            log.info("phase %s", name)
+            try:
+                PHASES[name](loaded, ws, **options.get(name, {}))
+            except StoppedEarly as stop:
+                console.print(f"[yellow]stopped[/yellow] {escape(str(stop))}")
+                announce("job_finished", phases=list(names), stopped_in=name, message=str(stop))
+                return
+            event("phase_finished", phase=name)
+        announce("job_finished", phases=list(names))
+    except TrainerError as exc:
+        webhooks.send("job_failed", {"error": str(exc), "exit_code": exc.exit_code})
+        raise
+    finally:
+        webhooks.close()
 
 
 @app.command()

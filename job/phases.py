@@ -149,22 +149,19 @@ def _eval_loss_hook(spec, ws: Workspace) -> Callable:
     return on_step_end
 
 
-def train(loaded: LoadedSpec, ws: Workspace) -> None:
-    from job.report.webhooks import Webhooks
+def train(loaded: LoadedSpec, ws: Workspace, webhooks=None) -> None:
+    """`webhooks`: the job's `job.report.webhooks.Webhooks` (the CLI owns and closes it)."""
     from job.train import TrainHooks, run_train
 
     spec = loaded.spec
     hooks = TrainHooks()
-    webhooks = Webhooks(spec.webhooks, job_name=spec.name)
-    try:
-        if spec.validation.enabled:
-            hooks.on_step_end.append(_validation_hook(spec, ws, webhooks))
-        if spec.validation.eval_loss.enabled:
-            hooks.on_step_end.append(_eval_loss_hook(spec, ws))
+    if spec.validation.enabled:
+        hooks.on_step_end.append(_validation_hook(spec, ws, webhooks))
+    if spec.validation.eval_loss.enabled:
+        hooks.on_step_end.append(_eval_loss_hook(spec, ws))
+    if webhooks is not None:
         hooks.on_checkpoint.append(lambda path, step: webhooks.send("checkpoint_saved", {"step": step, "path": str(path)}))
-        result = run_train(spec, ws, hooks)
-    finally:
-        webhooks.close()
+    result = run_train(spec, ws, hooks)
     console.print(f"train: {result.status} at step {result.step}/{result.total_steps}" + (f" — {result.message}" if result.message else ""))
     if result.resumable:
         # Stopped by a signal or the wall-clock budget: the next start resumes. Nothing after train runs.
