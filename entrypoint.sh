@@ -32,9 +32,17 @@ case "$SUBCOMMANDS" in
   *" $1 "*) exec trainer "$@" ;;
 esac
 
-# A spec given as a path or a shipped spec's name.
+# A spec given as a URL (fetched first), a path, or a shipped spec's name.
 spec="$1"
 shift
+case "$spec" in
+  s3://*|hf://*|http://*|https://*)
+    fetched="${TRAINER_WORKSPACE:-/workspace}/.trainer-spec.yaml"
+    mkdir -p "$(dirname "$fetched")"
+    python -m job.fetch "$spec" "$fetched"
+    spec="$fetched"
+    ;;
+esac
 if [ ! -e "$spec" ] && [ -e "/opt/trainer/specs/$spec" ]; then
   spec="/opt/trainer/specs/$spec"
 fi

@@ -46,3 +46,24 @@ def test_sigterm_to_the_entrypoint_checkpoints_and_exits_0(tmp_path):
     checkpoints = sorted((workspace / "output" / "checkpoints").glob("step_*"))
     assert checkpoints and (checkpoints[-1] / "COMPLETE").exists(), output
     assert "stopped" in output
+
+
+def test_entrypoint_fetches_a_spec_from_s3(tmp_path, s3_env, s3_bucket, s3_options):
+    from job.storage import open_storage
+
+    spec = tmp_path / "remote.yaml"
+    spec.write_text("data: {datasets: [{id: a, source: a}]}\ntrain: {max_train_steps: 2, optimizer: sgd}\n")
+    with open_storage(f"s3://{s3_bucket}", s3_options) as store:
+        store.upload_file(spec, "specs/job.yaml", progress=False)
+    env = {**os.environ, "TRAINER_WORKSPACE": str(tmp_path / "ws"), "AWS_ENDPOINT_URL": s3_env.url}
+    result = subprocess.run(["bash", str(ROOT / "entrypoint.sh"), f"s3://{s3_bucket}/specs/job.yaml"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    # The fetched spec was read: its mistake is reported (exit 2), not a fetch failure.
+    assert result.returncode == 2, result.stderr
+    assert "train.optimizer" in result.stderr
+    assert (tmp_path / "ws" / ".trainer-spec.yaml").read_text() == spec.read_text()
+
+    missing = subprocess.run(["bash", str(ROOT / "entrypoint.sh"), f"s3://{s3_bucket}/specs/none.yaml"],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert missing.returncode == 4, missing.stderr
+    assert "Traceback" not in missing.stderr
