@@ -79,3 +79,17 @@ def test_entrypoint_spec_path_runs_the_job(tmp_path):
     spec.write_text("data: {datasets: [{id: a, source: a}]}\ntrain: {max_train_steps: 2, learning_rate: 0}\n")
     result = _entrypoint(str(spec))
     assert result.returncode == 2 and "train.learning_rate" in result.stderr
+
+
+def test_templates_use_the_entrypoint_and_the_workspace_volume():
+    import json
+
+    runpod = json.loads((ROOT / "templates" / "runpod.json").read_text())
+    vast = json.loads((ROOT / "templates" / "vast.json").read_text())
+    assert runpod["volumeMountPath"] == "/workspace" and runpod["dockerArgs"] == ""
+    assert {e["key"] for e in runpod["env"]} >= {"TRAINER_SPEC", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert vast["runtype"] == "args"  # SSH/Jupyter modes would replace the entrypoint
+    assert "-v /workspace:/workspace" in vast["env"] and "TRAINER_SPEC" in vast["env"]
+    # No secret values in templates: only references to the environment or the platform's secrets.
+    for text in ((ROOT / "templates" / "runpod.json").read_text(), (ROOT / "templates" / "vast.json").read_text()):
+        assert "hf_" not in text.lower().replace("hf_token", "")
