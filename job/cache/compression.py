@@ -21,8 +21,8 @@ read that way the magic is about 3.6e18. Readers tell the two kinds apart by tho
 cache may hold both (compression switched on half-way).
 
 `load(path)` / `read_metadata(path)` read either kind; `save(path, tensors, metadata, compress)`
-writes either kind atomically. `write_sample` / `read_sample` / `write_text_embedding` /
-`read_text_embedding` are drop-in versions of `job.cache.format`'s with compression.
+writes either kind atomically. `job.cache.format`'s writers take `compress=` and its readers
+read both kinds through these.
 """
 
 from __future__ import annotations
@@ -175,66 +175,3 @@ def read_metadata(path: Path | str) -> dict[str, str]:
 def tensor_info(path: Path | str) -> dict[str, dict]:
     """name -> {"dtype", "shape"} of the tensors of a plain or compressed cache file (header only)."""
     return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in read_header(path).items() if k != "__metadata__"}
-
-
-# --- drop-in versions of job.cache.format's writers and readers --------------------------------
-
-
-def write_sample(cache_dir: Path, sample_key: str, latents: torch.Tensor, *, caption_key: str, bucket: str, source: str,
-                 is_holdout: bool = False, first_frame_latents: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 extra: Mapping[str, str] | None = None, compress: bool = False) -> Path:
-    """`format.write_sample` with optional compression (same tensors, same metadata)."""
-    if latents.ndim != 4:
-        raise ValueError(f"latents must be [C, F, H, W], got {tuple(latents.shape)}")
-    fmt.parse_bucket(bucket)
-    if mask is not None and (mask.ndim != 4 or mask.shape[0] != 1 or tuple(mask.shape[1:]) != tuple(latents.shape[1:])):
-        raise ValueError(f"mask must be [1, F, H, W] = [1, {', '.join(map(str, latents.shape[1:]))}], got {tuple(mask.shape)}")
-    tensors = {fmt.LATENTS: latents}
-    if first_frame_latents is not None:
-        tensors[fmt.FIRST_FRAME_LATENTS] = first_frame_latents
-    if mask is not None:
-        tensors[fmt.MASK] = mask
-    reserved = {"caption_key", "bucket", "source", "is_holdout", "format_version"}
-    metadata = {str(k): str(v) for k, v in (extra or {}).items() if k not in reserved}
-    metadata.update(caption_key=caption_key, bucket=bucket, source=str(source), is_holdout="1" if is_holdout else "0",
-                    format_version=str(fmt.FORMAT_VERSION))
-    return save(fmt.sample_path(cache_dir, sample_key), tensors, metadata, compress)
-
-
-def read_sample(cache_dir: Path, sample_key: str) -> fmt.CachedSample:
-    """`format.read_sample` that also reads compressed files."""
-    path = fmt.sample_path(cache_dir, sample_key)
-    tensors, meta = load(path)
-    if fmt.LATENTS not in tensors or "caption_key" not in meta or "bucket" not in meta:
-        raise InputError(f"cache file {path} is not a latent sample (no latents / caption_key / bucket)", _FIX_RECACHE)
-    reserved = {"caption_key", "bucket", "source", "is_holdout", "format_version"}
-    return fmt.CachedSample(
-        sample_key=sample_key, latents=tensors[fmt.LATENTS], caption_key=meta["caption_key"], bucket=meta["bucket"],
-        source=meta.get("source", ""), is_holdout=meta.get("is_holdout", "0") == "1",
-        first_frame_latents=tensors.get(fmt.FIRST_FRAME_LATENTS), mask=tensors.get(fmt.MASK),
-        extra={k: v for k, v in meta.items() if k not in reserved},
-    )
-
-
-def write_text_embedding(text_cache_dir: Path, key: str, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor,
-                         *, kind: str = "prompt", compress: bool = False, extra: Mapping[str, str] | None = None) -> Path:
-    """`format.write_text_embedding` with optional compression (and optional extra metadata)."""
-    if prompt_embeds.ndim == 3 and prompt_embeds.shape[0] == 1:
-        prompt_embeds = prompt_embeds[0]
-    if prompt_attention_mask.ndim == 2 and prompt_attention_mask.shape[0] == 1:
-        prompt_attention_mask = prompt_attention_mask[0]
-    if prompt_embeds.ndim != 2 or prompt_attention_mask.shape != prompt_embeds.shape[:1]:
-        raise ValueError(f"need prompt_embeds [L, D] and mask [L], got {tuple(prompt_embeds.shape)} and {tuple(prompt_attention_mask.shape)}")
-    metadata = {str(k): str(v) for k, v in (extra or {}).items()}
-    metadata.update(kind=kind, format_version=str(fmt.FORMAT_VERSION))
-    return save(fmt.text_path(text_cache_dir, key),
-                {fmt.PROMPT_EMBEDS: prompt_embeds, fmt.PROMPT_ATTENTION_MASK: prompt_attention_mask}, metadata, compress)
-
-
-def read_text_embedding(text_cache_dir: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`format.read_text_embedding` that also reads compressed files."""
-    path = fmt.text_path(text_cache_dir, key)
-    tensors, _ = load(path)
-    if fmt.PROMPT_EMBEDS not in tensors or fmt.PROMPT_ATTENTION_MASK not in tensors:
-        raise InputError(f"cache file {path} is not a text embedding", _FIX_RECACHE)
-    return tensors[fmt.PROMPT_EMBEDS], tensors[fmt.PROMPT_ATTENTION_MASK]

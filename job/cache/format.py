@@ -168,9 +168,10 @@ def text_path(text_cache_dir: Path, key: str) -> Path:
 # --- atomic safetensors -----------------------------------------------------------------------
 
 
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    data = save_tensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
+def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], compress: bool) -> None:
+    from . import compression  # imports this module: import it lazily
+
+    compression.save(path, tensors, metadata, compress)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -225,8 +226,10 @@ def write_sample(
     first_frame_latents: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     extra: Mapping[str, str] | None = None,
+    compress: bool = False,
 ) -> Path:
-    """Write one latent sample atomically; returns its path. `extra` holds cache key fields (strings)."""
+    """Write one latent sample atomically; returns its path. `extra` holds cache key fields (strings);
+    `compress` writes the file compressed (`job.cache.compression`; every reader here reads both)."""
     if latents.ndim != 4:
         raise ValueError(f"latents must be [C, F, H, W], got {tuple(latents.shape)}")
     parse_bucket(bucket)
@@ -241,7 +244,7 @@ def write_sample(
     metadata.update(caption_key=caption_key, bucket=bucket, source=str(source), is_holdout="1" if is_holdout else "0",
                     format_version=str(FORMAT_VERSION))
     path = sample_path(cache_dir, sample_key)
-    _atomic_save(path, tensors, metadata)
+    _atomic_save(path, tensors, metadata, compress)
     return path
 
 
@@ -262,8 +265,10 @@ def read_sample(cache_dir: Path, sample_key: str) -> CachedSample:
 
 
 def write_text_embedding(text_cache_dir: Path, key: str, prompt_embeds: torch.Tensor,
-                         prompt_attention_mask: torch.Tensor, *, kind: str = "prompt") -> Path:
-    """Write one prompt's embedding [L, D] and mask [L] atomically (a batch dim of 1 is squeezed)."""
+                         prompt_attention_mask: torch.Tensor, *, kind: str = "prompt", compress: bool = False,
+                         extra: Mapping[str, str] | None = None) -> Path:
+    """Write one prompt's embedding [L, D] and mask [L] atomically (a batch dim of 1 is squeezed);
+    `extra` is more string metadata, `compress` as in `write_sample`."""
     if prompt_embeds.ndim == 3 and prompt_embeds.shape[0] == 1:
         prompt_embeds = prompt_embeds[0]
     if prompt_attention_mask.ndim == 2 and prompt_attention_mask.shape[0] == 1:
@@ -271,8 +276,9 @@ def write_text_embedding(text_cache_dir: Path, key: str, prompt_embeds: torch.Te
     if prompt_embeds.ndim != 2 or prompt_attention_mask.shape != prompt_embeds.shape[:1]:
         raise ValueError(f"need prompt_embeds [L, D] and mask [L], got {tuple(prompt_embeds.shape)} and {tuple(prompt_attention_mask.shape)}")
     path = text_path(text_cache_dir, key)
-    _atomic_save(path, {PROMPT_EMBEDS: prompt_embeds, PROMPT_ATTENTION_MASK: prompt_attention_mask},
-                 {"kind": kind, "format_version": str(FORMAT_VERSION)})
+    metadata = {str(k): str(v) for k, v in (extra or {}).items()}
+    metadata.update(kind=kind, format_version=str(FORMAT_VERSION))
+    _atomic_save(path, {PROMPT_EMBEDS: prompt_embeds, PROMPT_ATTENTION_MASK: prompt_attention_mask}, metadata, compress)
     return path
 
 

@@ -713,7 +713,7 @@ def _encode_text(spec, ws, todo: list[TextItem], dev, folder, compress, dtype_na
                 mask = mask.cpu()
                 for i, item in enumerate(batch):
                     def write(item=item, e=embeds[i].clone(), m=mask[i].clone()):
-                        path = compression.write_text_embedding(folder, item.key, e, m, kind=item.kind, compress=compress,
+                        path = fmt.write_text_embedding(folder, item.key, e, m, kind=item.kind, compress=compress,
                                                                 extra={"te_dtype": str(te_dtype).removeprefix("torch.")})
                         return item, path.stat().st_size
 
@@ -1025,7 +1025,7 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
                 mask = batch["masks"][j]
 
                 def write(item=item, lat=latents[j].clone(), ff=None if first is None else first[j].clone(), mask=mask):
-                    path = compression.write_sample(
+                    path = fmt.write_sample(
                         item.cache_dir, item.sample_key, lat, caption_key=item.caption_key, bucket=item.sample.bucket,
                         source=item.sample.relpath, is_holdout=item.sample.is_holdout, first_frame_latents=ff,
                         mask=None if mask is None else mask.to(store_dtype), extra={**item.key, **info}, compress=compress)

@@ -41,10 +41,10 @@ def check_consistent(spec, ws) -> dict:
     folder = latent_dir(spec, ws)
     manifest = fmt.read_manifest(folder)
     for key, entry in manifest.items():
-        sample = compression.read_sample(folder, key)
+        sample = fmt.read_sample(folder, key)
         assert sample.caption_key == entry["caption_key"]
         assert sample.bucket == entry["bucket"]
-        embeds, mask = compression.read_text_embedding(ws.text_cache_dir, sample.caption_key)
+        embeds, mask = fmt.read_text_embedding(ws.text_cache_dir, sample.caption_key)
         assert embeds.shape[0] == mask.shape[0] == SEQ_LEN
     assert not list(folder.glob(".*.tmp")) and not list(ws.text_cache_dir.glob(".*.tmp"))
     json.loads((ws.text_cache_dir / fmt.MANIFEST_NAME).read_text())
@@ -97,13 +97,13 @@ def test_text_embeddings_equal_encode_prompts(job_dict, tiny_model_path):
     ref, ref_mask = encode_prompts(parts.text_encoder, parts.tokenizer, captions, max_sequence_length=SEQ_LEN,
                                    complex_human_instruction=instruction)
     for i, caption in enumerate(captions):
-        embeds, mask = compression.read_text_embedding(ws.text_cache_dir, ctx.key(caption))
+        embeds, mask = fmt.read_text_embedding(ws.text_cache_dir, ctx.key(caption))
         torch.testing.assert_close(embeds, ref[i], atol=1e-5, rtol=1e-5)
         assert torch.equal(mask, ref_mask[i])
     negatives = [spec.validation.negative_prompt, ""]
     ref, ref_mask = encode_negative_prompts(parts.text_encoder, parts.tokenizer, negatives, max_sequence_length=SEQ_LEN)
     for i, key in enumerate([ctx.negative_key(negatives[0]), ctx.empty_key()]):
-        embeds, mask = compression.read_text_embedding(ws.text_cache_dir, key)
+        embeds, mask = fmt.read_text_embedding(ws.text_cache_dir, key)
         torch.testing.assert_close(embeds, ref[i], atol=1e-5, rtol=1e-5)
         assert torch.equal(mask, ref_mask[i])
 
@@ -119,7 +119,7 @@ def test_latents_equal_a_plain_encode_and_decode_to_the_pipeline_shape(job_dict,
     cache(spec, ws)
     vae = load_components(tiny_model_path, parts={"vae"}).vae
     for sample in plan(spec, ws).samples:
-        cached = compression.read_sample(latent_dir(spec, ws), latent_sample_key(sample)).latents
+        cached = fmt.read_sample(latent_dir(spec, ws), latent_sample_key(sample)).latents
         assert tuple(cached.shape) == LATENT_SHAPE and cached.dtype == torch.float32
         plain = encode_videos(vae, load_sample(sample, spec)[None], sample=False)[0]
         torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
@@ -139,8 +139,8 @@ def test_sampled_latents_are_the_same_for_any_batch_size_and_worker_count(job_di
     cache(spec_b, ws_b, num_workers=2)  # decoded in DataLoader worker processes
     for sample in plan(spec_a, ws_a).samples:
         key = latent_sample_key(sample)
-        a = compression.read_sample(latent_dir(spec_a, ws_a), key).latents
-        b = compression.read_sample(latent_dir(spec_b, ws_b), key).latents
+        a = fmt.read_sample(latent_dir(spec_a, ws_a), key).latents
+        b = fmt.read_sample(latent_dir(spec_b, ws_b), key).latents
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -149,13 +149,13 @@ def test_an_edited_caption_recomputes_one_text_embedding_and_relabels_its_latent
     cache(spec, ws)
     folder = latent_dir(spec, ws)
     sample = next(s for s in plan(spec, ws).samples if s.relpath == "clip_002.mp4")
-    before = compression.read_sample(folder, latent_sample_key(sample))
+    before = fmt.read_sample(folder, latent_sample_key(sample))
 
     (ws.root / "clips" / "clip_002.txt").write_text("a purple square spinning in place\n", encoding="utf-8")
     result = cache(spec, ws)
     assert (result.text.stale, result.text.cached, result.text.skipped, result.text.orphans) == (1, 0, TEXTS - 1, 1)
     assert (result.latents.rewritten, result.latents.skipped, result.latents.stale, result.latents.cached) == (1, CLIPS - 1, 0, 0)
-    after = compression.read_sample(folder, latent_sample_key(sample))
+    after = fmt.read_sample(folder, latent_sample_key(sample))
     assert after.caption_key == fmt.text_key_context(spec, ws).key("a purple square spinning in place")
     assert torch.equal(after.latents, before.latents)  # not re-encoded
     check_consistent(spec, ws)
@@ -175,7 +175,7 @@ def test_another_frame_count_makes_every_latent_stale(job_dict):
     assert (result.text.skipped, result.text.cached) == (TEXTS, 0)
     manifest = check_consistent(spec9, ws9)
     assert {e["bucket"] for e in manifest.values()} == {"64x64@9"}
-    sample = compression.read_sample(latent_dir(spec9, ws9), next(iter(manifest)))
+    sample = fmt.read_sample(latent_dir(spec9, ws9), next(iter(manifest)))
     assert tuple(sample.latents.shape) == (4, 3, 8, 8)
 
 
@@ -246,7 +246,7 @@ def test_compressed_cache_is_read_back_and_toggling_it_rewrites_without_recomput
     files = list(folder.glob("*.safetensors")) + list(ws.text_cache_dir.glob("*.safetensors"))
     assert len(files) == CLIPS + TEXTS and all(compression.is_compressed(p) for p in files)
     manifest = check_consistent(spec, ws)
-    before = {k: compression.read_sample(folder, k).latents for k in manifest}
+    before = {k: fmt.read_sample(folder, k).latents for k in manifest}
     assert all(t.dtype == torch.bfloat16 for t in before.values())
     assert compression.read_metadata(folder / manifest[next(iter(manifest))]["file"])["caption_key"]
 
@@ -274,7 +274,7 @@ def test_i2v_first_frame_latents_and_masks(job_dict):
         Image.fromarray(half).save(masks / f"clip_{i:03d}.png")
     cache(spec, ws)
     for key in check_consistent(spec, ws):
-        sample = compression.read_sample(latent_dir(spec, ws), key)
+        sample = fmt.read_sample(latent_dir(spec, ws), key)
         assert tuple(sample.first_frame_latents.shape) == (4, 1, 8, 8)
         # the causal VAE's first latent frame sees the first frame alone
         torch.testing.assert_close(sample.first_frame_latents, sample.latents[:, :1], atol=1e-4, rtol=1e-4)
