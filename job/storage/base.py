@@ -768,10 +768,7 @@ class Storage(abc.ABC):
                     log.warning("%s: the store's checksum (%s) does not match the content; two identical "
                                 "downloads agree, keeping it", self.display(remote.path), remote.checksum)
                     self._untrusted.add(remote.path)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, dest)
-                fsync_dir(dest.parent)
+                publish(tmp, dest)
             finally:
                 _unlink_quiet(tmp)
 
@@ -873,12 +870,17 @@ def atomic_target(dest: Path) -> Iterator[Path]:
     tmp = temp_name(dest)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        publish(tmp, dest)
     finally:
         _unlink_quiet(tmp)
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Make a fully written temporary file `dest`: fsync it, rename it, fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
 
 
 def copy_stream(src, dst_path: Path, advance: Advance, chunk: int = 1024 * 1024) -> None:
