@@ -13,7 +13,7 @@ from typing import Callable
 
 from job.errors import TrainerError
 from job.report import console, event
-from job.spec import LoadedSpec, redacted_yaml
+from job.spec import LoadedSpec
 from job.workspace import Workspace, atomic_write_text, is_remote
 
 log = logging.getLogger("trainer.phases")
@@ -47,17 +47,19 @@ def _pull_one(spec, uri: str, dest: Path, include: list[str] | None) -> int:
 
 def pull(loaded: LoadedSpec, ws: Workspace) -> None:
     """Weights and datasets into the workspace. Local paths are used in place."""
+    from job.train.crepa import ENCODER_FILES as CREPA_ENCODER_FILES, encoder_location as crepa_encoder_location
+
     spec = loaded.spec
     wanted: list[tuple[str, str, Path, list[str] | None]] = []
     for label, location in (("base model", spec.model.pretrained_model_name_or_path),
                             ("VAE", spec.model.pretrained_vae_model_name_or_path),
-                            ("CREPA encoder", spec.train.crepa.encoder_path if spec.train.crepa.enabled else None)):
+                            ("CREPA encoder", crepa_encoder_location(spec.train.crepa) if spec.train.crepa.enabled else None)):
         if not location:
             continue
         local = ws.model_dir(location)
         # ws.model_dir maps remote locations (and bare Hub ids with no such local folder) to a pull folder.
         if local != ws.resolve(location.removeprefix("file://")):
-            wanted.append((label, _hub_uri(location), local, MODEL_FILES if label != "CREPA encoder" else None))
+            wanted.append((label, _hub_uri(location), local, MODEL_FILES if label != "CREPA encoder" else CREPA_ENCODER_FILES))
     for ds in spec.data.active():
         if is_remote(ds.source):
             wanted.append((f"dataset {ds.id}", ds.source, ws.dataset_dir(ds), None))
@@ -161,7 +163,15 @@ def train(loaded: LoadedSpec, ws: Workspace, webhooks=None) -> None:
         hooks.on_step_end.append(_eval_loss_hook(spec, ws))
     if webhooks is not None:
         hooks.on_checkpoint.append(lambda path, step: webhooks.send("checkpoint_saved", {"step": step, "path": str(path)}))
-    result = run_train(spec, ws, hooks)
+    from job.upload import TrainUploads
+
+    uploads = TrainUploads.start(spec, ws, hooks)  # remote resume, then checkpoints uploaded in the background
+    try:
+        result = run_train(spec, ws, hooks)
+    except BaseException:
+        uploads.abandon()
+        raise
+    uploads.finish(result)
     console.print(f"train: {result.status} at step {result.step}/{result.total_steps}" + (f" — {result.message}" if result.message else ""))
     if result.resumable:
         # Stopped by a signal or the wall-clock budget: the next start resumes. Nothing after train runs.
@@ -173,34 +183,10 @@ class StoppedEarly(Exception):
 
 
 def upload(loaded: LoadedSpec, ws: Workspace) -> None:
-    """Push the final model, validation videos and logs to `output.push_to` (only what is missing)."""
-    spec = loaded.spec
-    if not spec.output.push_to:
-        console.print(f"upload: nothing to do, results stay local in {ws.output_dir} (output.push_to is not set)")
-        return
-    from job.storage import open_storage
+    """Push what is missing in `output.push_to`: checkpoint, validation, logs, spec, final model, model card."""
+    from job.upload import upload_phase
 
-    parts = []
-    if spec.output.upload.final_model and ws.final_dir.exists():
-        parts.append((ws.final_dir, "final"))
-    if spec.output.upload.validation and ws.validation_dir.exists():
-        parts.append((ws.validation_dir, "validation"))
-    if spec.output.upload.logs and ws.logs_dir.exists():
-        parts.append((ws.logs_dir, "logs"))
-    atomic_write_text(ws.output_dir / "spec.yaml", redacted_yaml(spec, loaded.secret_values))
-    with open_storage(spec.output.push_to, _s3_options(spec)) as store:
-        remote = {f.path: f.size for f in store.list("")}
-        sent = 0
-        for folder, prefix in parts:
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                key = f"{prefix}/{path.relative_to(folder).as_posix()}"
-                if remote.get(key) == path.stat().st_size and prefix != "logs":
-                    continue
-                store.upload_file(path, key, progress=False)
-                sent += 1
-        store.upload_file(ws.output_dir / "spec.yaml", "spec.yaml", progress=False)
-    event("uploaded", target=spec.output.push_to, files=sent)
-    console.print(f"upload: {sent} files sent to {spec.output.push_to}")
+    upload_phase(loaded, ws)
 
 
 PHASES: dict[str, Callable[[LoadedSpec, Workspace], None]] = {
