@@ -10,6 +10,7 @@ from .data import DataSpec
 from .memory import MemorySpec
 from .model import ModelSpec
 from .output import OutputSpec, StorageSpec, TrackingSpec
+from .speed import SpeedSpec
 from .train import TrainSpec
 from .validation import ValidationSpec, WebhookSpec
 
@@ -26,6 +27,7 @@ class JobSpec(Section):
     data: DataSpec = Field(description="Datasets and caches.")
     train: TrainSpec = Field(description="Optimisation.")
     memory: MemorySpec = Field(default_factory=MemorySpec, description="Memory savers.")
+    speed: SpeedSpec = Field(default_factory=SpeedSpec, description="Speed-ups of the transformer (compile, fused attention, selective checkpointing).")
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints and resume.")
     validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Validation renders, eval loss, previews.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")

@@ -288,7 +288,7 @@ def run_validation(
     step_dir = ws.validation_dir / step_dir_name(step)
     step_dir.mkdir(parents=True, exist_ok=True)
     result = ValidationResult(step=int(step), folder=step_dir, weights=weights)
-    pipe = pipeline if pipeline is not None else build_pipeline(components)
+    pipe = pipeline if pipeline is not None else build_pipeline(components, speed=spec.speed)
     transformer = pipe.transformer
     offload = bool(spec.memory.enable_model_cpu_offload)
     want_previews = bool(v.preview.enabled and webhooks is not None and webhooks.wants("preview"))

@@ -18,12 +18,13 @@ import torch
 from .geometry import PIPELINE_SPATIAL_MULTIPLE
 
 
-def build_pipeline(components: Any, scheduler: Any = None):
+def build_pipeline(components: Any, scheduler: Any = None, speed: Any = None):
     """A `SanaVideoPipeline` sharing `components`' modules (a `SanaVideoComponents` or any object
     with transformer / vae / text_encoder / tokenizer / scheduler attributes).
 
     `scheduler` defaults to `components.scheduler`; the pipeline gets its own instance built from
     that config, so rendering never changes the state of a scheduler the caller holds.
+    `speed` (the spec's `SpeedSpec`) applies its speed-ups to the transformer (see `speed.py`).
     """
     from diffusers import SanaVideoPipeline
 
@@ -40,6 +41,10 @@ def build_pipeline(components: Any, scheduler: Any = None):
         scheduler=type(scheduler).from_config(scheduler.config),
     )
     pipe.set_progress_bar_config(disable=True)
+    if speed is not None:
+        from .speed import apply_inference_speedups
+
+        apply_inference_speedups(pipe.transformer, speed)
     return pipe
 
 

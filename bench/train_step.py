@@ -1,0 +1,518 @@
+"""Training-step speed: the plain diffusers path vs the job's own step, in one process, same inputs.
+
+Run on a GPU (one command, a few minutes on an H100; the first compiled step pays the compile):
+
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONUNBUFFERED=1 python bench/train_step.py --out results.json
+
+It builds the full-size random-weight `SanaVideoTransformer3DModel()` (the 2B config, bf16) and, for
+a full fine-tune and for LoRA (rank 64 on attention):
+
+- the plain path: stock diffusers model, gradient checkpointing of every block, torch fused AdamW,
+  flow-matching MSE, clipping (what the issue measured as "plain diffusers");
+- the job's path: the same weights through `job.train.model.prepare_transformer(model, spec)` (LoRA,
+  checkpointing and the `speed:` section) and the session pieces `build_session` uses (accelerate,
+  `build_optimizer`, `build_scheduler`, `FlowMatchingObjective`), stepped by
+  `job.train.step.train_step` itself, fed CPU batches shaped like the latent cache's;
+
+and prints step time (median of >= 10 after warm-up), peak memory, model-FLOP utilisation against
+a measured bf16 matmul, the ratio, and the numerics check (loss and gradient norm of both paths on
+the same weights and inputs). It also times the transformer share of a 50-step CFG render
+(batch 2; section `validation`) for the stock model and for the model `build_pipeline(..., speed=...)` hands the
+validation renderer. Results go to JSON as they come (a failing configuration is recorded, the
+rest still runs).
+
+`--tiny` runs everything on the CPU with the tiny test model (checks the script, not speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+GIB = 1024 ** 3
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+#: job variants of the full fine-tune: name -> `speed:` section (the first is the default spec)
+FULL_VARIANTS = {
+    "job-default": {"mixed_precision": "bf16"},  # the spec's defaults: bf16 autocast over bf16 weights, speed: defaults
+    "job-bf16-no-autocast": {},  # train.mixed_precision 'no' as the plain path: compile is skipped (NaN, see NOTES)
+    "job-no-speedups": {"compile_blocks": False, "linear_attention": "diffusers", "keep_activations_blocks": 0},
+    "job-fused-attn-only": {"compile_blocks": False},
+    "job-compile-diffusers-attn": {"linear_attention": "diffusers"},
+    "job-keep4": {"keep_activations_blocks": 4},
+    "job-keep8": {"keep_activations_blocks": 8},
+    "job-keep12": {"keep_activations_blocks": 12},
+    "job-autocast-keep4": {"mixed_precision": "bf16", "keep_activations_blocks": 4},
+    "job-autocast-keep8": {"mixed_precision": "bf16", "keep_activations_blocks": 8},
+    "job-autocast-keep12": {"mixed_precision": "bf16", "keep_activations_blocks": 12},
+    "job-autocast-no-speedups": {"mixed_precision": "bf16", "compile_blocks": False, "linear_attention": "diffusers"},
+}
+LORA_VARIANTS = {"job-lora-default": {}, "job-lora-keep8": {"keep_activations_blocks": 8}}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def sync():
+    if cuda():
+        torch.cuda.synchronize()
+
+
+def cleanup():
+    gc.collect()
+    if cuda():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / GIB if cuda() else float("nan")
+
+
+def timed(fn, warmup: int, iters: int) -> dict:
+    """Run `fn` warmup + iters times; step times (s) and the peak memory of the timed steps."""
+    first = None
+    for i in range(warmup):
+        t = time.perf_counter()
+        fn()
+        sync()
+        if i == 0:
+            first = time.perf_counter() - t
+    if cuda():
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times,
+            "first_step_s": first, "peak_gib": peak_gib()}
+
+
+def matmul_peak_tflops() -> float | None:
+    if not cuda():
+        return None
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    sync()
+    return 2 * n ** 3 * 20 / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def environment() -> dict:
+    env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="minutes"), "torch": torch.__version__,
+           "cuda": torch.version.cuda}
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    if cuda():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        with contextlib.suppress(Exception):
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+    return env
+
+
+# ------------------------------------------------------------------------------------ model and inputs
+
+def build_model(tiny: bool):
+    from diffusers import SanaVideoTransformer3DModel
+
+    from job.models.sanavideo.tiny import TINY_TRANSFORMER_CONFIG
+
+    device = "cuda" if cuda() else "cpu"
+    with torch.device(device):
+        model = SanaVideoTransformer3DModel(**(TINY_TRANSFORMER_CONFIG if tiny else {}))
+    return model.to(torch.bfloat16)
+
+
+def shapes(args, model) -> dict:
+    cfg = model.config
+    lf, lh, lw = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    return dict(latent=(args.batch, cfg.in_channels, lf, lh, lw), text=(args.batch, args.text_len, cfg.caption_channels),
+                tokens=lf * (lh // 2) * (lw // 2))
+
+
+def fixed_inputs(sh: dict, seed: int = 1234) -> dict:
+    """One set of inputs for the numerics check (fp32 flow-matching arithmetic, bf16 embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(sh["latent"], generator=g)
+    noise = torch.randn(sh["latent"], generator=g)
+    b = x0.shape[0]
+    sigmas = torch.rand(b, generator=g) * 0.8 + 0.1
+    s = sigmas.view(b, 1, 1, 1, 1)
+    device = "cuda" if cuda() else "cpu"
+    mask = torch.ones(sh["text"][:2], dtype=torch.long)
+    mask[:, sh["text"][1] * 2 // 5:] = 0
+    return dict(noisy=((1 - s) * x0 + s * noise).to(device), target=(noise - x0).to(device), sigmas=sigmas.to(device),
+                timesteps=(sigmas * 1000).to(device), embeds=torch.randn(sh["text"], generator=g).to(device, torch.bfloat16),
+                mask=mask.to(device))
+
+
+def cache_batches(sh: dict):
+    """An endless stream of CPU batches shaped like the latent cache's (what `TrainSession.batches` yields)."""
+    g = torch.Generator().manual_seed(7)
+    mask = torch.ones(sh["text"][:2], dtype=torch.long)
+    mask[:, sh["text"][1] * 2 // 5:] = 0
+    while True:
+        yield {"latents": torch.randn(sh["latent"], generator=g).to(torch.bfloat16),
+               "prompt_embeds": torch.randn(sh["text"], generator=g).to(torch.bfloat16),
+               "prompt_attention_mask": mask.clone()}
+
+
+def make_spec(kind: str, speed: dict, args):
+    from job.spec import JobSpec
+
+    speed = dict(speed)
+    mixed_precision = speed.pop("mixed_precision", "no" if kind == "full" else "bf16")
+
+    data = {
+        "version": 1, "workspace": tempfile.mkdtemp(prefix="bench-ws-"),
+        "model": {"type": kind, "base_model_precision": "bf16",
+                  "pretrained_model_name_or_path": "hf://Efficient-Large-Model/SANA-Video_2B_480p_diffusers"},
+        "data": {"datasets": [{"id": "clips", "source": "clips", "resolution_type": "pixel_area",
+                               "video": {"num_frames": args.frames}}]},
+        # full: bf16 weights computing in bf16 (the issue's plain path); LoRA: fp32 adapters under bf16 autocast
+        "train": {"mixed_precision": mixed_precision, "optimizer": "adamw", "learning_rate": 1e-5,
+                  "train_batch_size": args.batch, "max_train_steps": 1000, "caption_dropout_probability": 0.0,
+                  "lr_scheduler": "constant"},
+        "memory": {"gradient_checkpointing": True},
+        "speed": speed,
+        "validation": {"enabled": False},
+    }
+    if kind == "lora":
+        data["model"]["lora"] = {"rank": 64, "target_modules": LORA_TARGETS}
+    return JobSpec.model_validate(data)
+
+
+# ------------------------------------------------------------------------------------ the two paths
+
+def loss_and_grad_norm(forward, objective, params, inp, autocast: bool, names: dict | None = None) -> tuple[float, float]:
+    for p in params:
+        p.grad = None
+    with torch.autocast("cuda" if cuda() else "cpu", dtype=torch.bfloat16, enabled=autocast):
+        pred = forward(inp["noisy"].to(torch.bfloat16), encoder_hidden_states=inp["embeds"], encoder_attention_mask=inp["mask"],
+                       timestep=inp["timesteps"], return_dict=False)[0]
+    loss = objective.loss(pred, inp["target"], inp["sigmas"])
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]))
+    value = (float(loss.detach()), float(norm))
+    if names is not None and not torch.isfinite(norm):  # where a non-finite gradient shows up first (diagnosis)
+        bad = [names.get(id(p), "?") for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+        print(f"non-finite gradients in {len(bad)} of {len(params)} tensors; last: {bad[-12:]}; first: {bad[:6]}", flush=True)
+    for p in params:
+        p.grad = None
+    return value
+
+
+class PlainPath:
+    """The issue's reference: stock diffusers, checkpoint every block, torch fused AdamW."""
+
+    def __init__(self, model, kind: str, sh: dict, objective):
+        from job.train import lora as lora_mod
+
+        self.model, self.kind, self.objective = model, kind, objective
+        if kind == "lora":
+            lora_mod.add_lora(model, SimpleNamespace(rank=64, alpha=None, dropout=0.0, target_modules=LORA_TARGETS))
+        else:
+            model.requires_grad_(True)
+        model.enable_gradient_checkpointing()
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, **({"fused": True} if cuda() else {"foreach": True}))
+        self.autocast = kind == "lora"
+        self.batches = cache_batches(sh)
+        self.gen = torch.Generator().manual_seed(3)
+
+    def numerics(self, inp):
+        return loss_and_grad_norm(self.model, self.objective, self.params, inp, self.autocast)
+
+    def step(self):
+        batch = next(self.batches)
+        device = "cuda" if cuda() else "cpu"
+        x0 = batch["latents"].to(device, torch.float32)
+        inputs = self.objective.training_inputs(x0, self.gen)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
+            pred = self.model(inputs.noisy.to(torch.bfloat16), encoder_hidden_states=batch["prompt_embeds"].to(device),
+                              encoder_attention_mask=batch["prompt_attention_mask"].to(device), timestep=inputs.timesteps,
+                              return_dict=False)[0]
+        loss = self.objective.loss(pred, inputs.target, inputs.sigmas)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class JobPath:
+    """The trainer's own step: `prepare_transformer` + the session pieces + `train_step`."""
+
+    def __init__(self, model, spec, sh: dict):
+        from job.models.sanavideo.objective import FlowMatchingObjective
+        from job.train.model import prepare_transformer
+        from job.train.optimizers import build_optimizer
+        from job.train.schedulers import build_scheduler
+        from job.train.session import TrainSession, _accelerator
+
+        ws = SimpleNamespace(output_dir=Path(spec.workspace) / "output", logs_dir=Path(spec.workspace) / "logs")
+        params = prepare_transformer(model, spec)
+        accelerator, _ = _accelerator(spec, ws)
+        optimizer = build_optimizer(params, spec.train, seed=spec.train.seed)
+        scheduler = build_scheduler(optimizer, spec.train, spec.train.max_train_steps)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        self.session = TrainSession(
+            spec=spec, ws=ws, accelerator=accelerator, transformer=prepared, model=accelerator.unwrap_model(prepared),
+            params=params, optimizer=optimizer, scheduler=scheduler, ema=None, objective=FlowMatchingObjective(spec.train.timesteps),
+            dataset=None, sampler=None, loader=None, generator=torch.Generator("cpu").manual_seed(spec.train.seed),
+            empty_prompt=None, store=None, metrics=None, total_steps=spec.train.max_train_steps, weight_dtype=torch.bfloat16,
+            spec_hash="bench",
+        )
+        self.batches = cache_batches(sh)
+
+    def numerics(self, inp):
+        s = self.session
+        # the call compute_loss makes (accelerate adds the autocast of train.mixed_precision to prepared.forward)
+        names = {id(p): n for n, p in s.model.named_parameters()}
+        return loss_and_grad_norm(s.transformer, s.objective, s.params, inp, autocast=False, names=names)
+
+    def step(self):
+        from job.train.step import train_step
+
+        outcome = train_step(self.session, self.batches)
+        if outcome.skipped:
+            raise RuntimeError(f"train_step skipped a step (loss {outcome.loss}, grad norm {outcome.grad_norm})")
+
+
+def profile_table(fn, path: Path | None, rows: int = 30) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    key = "self_cuda_time_total" if cuda() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    if path is not None:
+        path.write_text(table)
+    return table.splitlines()[:rows // 2 + 4]
+
+
+# ------------------------------------------------------------------------------------ sections
+
+def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop: float | None, peak: float | None):
+    from job.models.sanavideo.objective import FlowMatchingObjective
+    from job.spec.train import TimestepSpec
+
+    section = results.setdefault(kind, {})
+    torch.manual_seed(0)
+    model = build_model(args.tiny)
+    sh = shapes(args, model)
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    inp = fixed_inputs(sh)
+    objective = FlowMatchingObjective(TimestepSpec())
+    model_tflop = None if fwd_tflop is None else 3 * fwd_tflop  # forward + backward (2x), recompute not counted
+
+    def record(name, res):
+        if "median_s" in res and model_tflop and peak and kind == "full":
+            res["mfu_vs_matmul_peak"] = model_tflop / res["median_s"] / peak
+        if "median_s" in res and "plain" in section and "median_s" in section["plain"]:
+            res["speedup_vs_plain"] = section["plain"]["median_s"] / res["median_s"]
+        if "numerics" in res and "plain" in section and "numerics" in section["plain"]:
+            (lp, gp), (lj, gj) = section["plain"]["numerics"], res["numerics"]
+            res["loss_rel_err"], res["grad_norm_rel_err"] = abs(lj - lp) / abs(lp), abs(gj - gp) / abs(gp)
+            res["numerics_ok"] = res["loss_rel_err"] <= 0.01 and res["grad_norm_rel_err"] <= 0.02
+        section[name] = res
+        save()
+        print(f"[{kind}] {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in res.items() if k not in ("times_s", "profile_top", "numerics")), flush=True)
+
+    try:
+        plain = PlainPath(model, kind, sh, objective)
+        res = {"numerics": plain.numerics(inp)}
+        res.update(timed(plain.step, args.warmup, args.iters))
+        if args.profile and kind == "full":
+            res["profile_top"] = profile_table(plain.step, args.out.parent / "profile_plain.txt")
+        record("plain", res)
+    except Exception as exc:  # noqa: BLE001
+        record("plain", {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
+    plain = None
+    del model
+    cleanup()
+
+    for i, (name, speed) in enumerate(variants.items()):
+        job = None
+        try:
+            torch.manual_seed(0)
+            model = build_model(args.tiny)
+            model.load_state_dict(weights)
+            job = JobPath(model, make_spec(kind, speed, args), sh)
+            res = {"speed": speed, "numerics": job.numerics(inp)}
+            try:
+                res.update(timed(job.step, args.warmup, args.iters))
+            except Exception as exc:  # noqa: BLE001 - keep the numerics of a variant whose steps fail
+                res["error"] = f"{type(exc).__name__}: {exc}"
+            if args.profile and name == "job-default" and kind == "full":
+                res["profile_top"] = profile_table(job.step, args.out.parent / "profile_job.txt")
+            record(name, res)
+        except Exception as exc:  # noqa: BLE001
+            record(name, {"speed": speed, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
+        job = model = None
+        cleanup()
+
+
+def run_validation(args, results: dict, save):
+    """Transformer time of a 50-step CFG render: 50 x the median batch-2 forward (no grad, bf16)."""
+    from job.models.sanavideo.validation import build_pipeline
+    from job.spec.speed import SpeedSpec
+
+    section = results.setdefault("validation", {})
+    torch.manual_seed(0)
+    model = build_model(args.tiny).eval()
+    sh = shapes(argparse.Namespace(**{**vars(args), "batch": 2}), model)
+    inp = fixed_inputs(sh)
+
+    def forward(m):
+        with torch.no_grad():
+            return m(inp["noisy"].to(torch.bfloat16), encoder_hidden_states=inp["embeds"], encoder_attention_mask=inp["mask"],
+                     timestep=inp["timesteps"], return_dict=False)[0]
+
+    try:
+        ref = forward(model).float()
+        res = timed(lambda: forward(model), 2, args.val_iters)
+        res["transformer_50_steps_s"] = 50 * res["median_s"]
+        section["plain"] = res
+        save()
+        print(f"[validation] plain: forward {res['median_s']:.3f} s, 50 steps {res['transformer_50_steps_s']:.1f} s", flush=True)
+        from diffusers import AutoencoderKLWan, DPMSolverMultistepScheduler
+
+        components = SimpleNamespace(transformer=model, vae=AutoencoderKLWan(z_dim=4, base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+                                     scheduler=DPMSolverMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
+                                                                           prediction_type="flow_prediction"))
+        pipe = build_pipeline(components, speed=SpeedSpec())  # the job's validation builder (speed defaults)
+        out = forward(pipe.transformer).float()
+        res = timed(lambda: forward(pipe.transformer), 2, args.val_iters)
+        res["transformer_50_steps_s"] = 50 * res["median_s"]
+        res["output_rel_err"] = float((out - ref).norm() / ref.norm())
+        res["speedup_vs_plain"] = section["plain"]["median_s"] / res["median_s"]
+        section["job"] = res
+        save()
+        print(f"[validation] job: forward {res['median_s']:.3f} s, 50 steps {res['transformer_50_steps_s']:.1f} s, "
+              f"x{res['speedup_vs_plain']:.2f}, output rel err {res['output_rel_err']:.2e}", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        section["error"] = f"{type(exc).__name__}: {exc}"
+        section["trace"] = traceback.format_exc()[-2000:]
+        save()
+        print(f"[validation] failed: {section['error']}", flush=True)
+    del model
+    cleanup()
+
+
+def forward_tflop(args) -> float | None:
+    """Model FLOPs of one training-sample forward (torch's FLOP counter, bf16, no grad)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(args.tiny).eval()
+    inp = fixed_inputs(shapes(args, model))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(inp["noisy"].to(torch.bfloat16), encoder_hidden_states=inp["embeds"], encoder_attention_mask=inp["mask"],
+              timestep=inp["timesteps"], return_dict=False)
+    del model
+    cleanup()
+    return counter.get_total_flops() / 1e12
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("train_step.json"))
+    p.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU (checks the script, not speed)")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--text-len", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--val-iters", type=int, default=5)
+    p.add_argument("--sections", default="full,lora,validation", help="comma list of full, lora, validation")
+    p.add_argument("--full-variants", default=",".join(FULL_VARIANTS), help="comma list of " + ", ".join(FULL_VARIANTS))
+    p.add_argument("--lora-variants", default=",".join(LORA_VARIANTS), help="comma list of " + ", ".join(LORA_VARIANTS))
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one plain and one job step (full)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.frames, args.height, args.width, args.text_len = min(args.frames, 9), min(args.height, 64), min(args.width, 96), 8
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "trainer-inductor-cache"))
+    results = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+
+    results["matmul_peak_tflops"] = peak = matmul_peak_tflops()
+    try:
+        results["forward_tflop_per_step"] = fwd = forward_tflop(args)
+    except Exception as exc:  # noqa: BLE001
+        results["forward_tflop_error"], fwd = f"{type(exc).__name__}: {exc}", None
+    save()
+    print(f"environment {results['environment']}; matmul peak {peak} TFLOP/s; forward {fwd} TFLOP", flush=True)
+    sections = args.sections.split(",")
+    if "full" in sections:
+        run_training("full", {n: FULL_VARIANTS[n] for n in args.full_variants.split(",") if n}, args, results, save, fwd, peak)
+    if "lora" in sections:
+        run_training("lora", {n: LORA_VARIANTS[n] for n in args.lora_variants.split(",") if n}, args, results, save, fwd, peak)
+    if "validation" in sections:
+        run_validation(args, results, save)
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print("\n| path | step (median) | peak GiB | x plain | MFU | loss rel err | grad-norm rel err |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for kind in ("full", "lora"):
+        for name, r in results.get(kind, {}).items():
+            if "error" in r:
+                print(f"| {kind}/{name} | error: {r['error'][:60]} | | | | | |")
+                continue
+            mfu = r.get("mfu_vs_matmul_peak")
+            print(f"| {kind}/{name} | {r['median_s']:.3f} s | {r['peak_gib']:.1f} | {r.get('speedup_vs_plain', 1.0):.2f} | "
+                  f"{'' if mfu is None else f'{mfu:.0%}'} | {r.get('loss_rel_err', 0):.2e} | {r.get('grad_norm_rel_err', 0):.2e} |")
+    v = results.get("validation", {})
+    for name in ("plain", "job"):
+        if name in v:
+            print(f"| validation/{name} (50 steps, CFG) | {v[name]['transformer_50_steps_s']:.1f} s | {v[name]['peak_gib']:.1f} | "
+                  f"{v[name].get('speedup_vs_plain', 1.0):.2f} | | | |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""`speed:` how fast the transformer runs. Each speed-up is on by default where it is safe, with an off switch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Section
+
+
+class SpeedSpec(Section):
+    """Speed-ups of the transformer for training and validation; none changes what the model learns (bench/RESULTS.md)."""
+
+    compile_blocks: bool = Field(
+        True,
+        description="`torch.compile` each transformer block (regional compile: one compiled block reused by all). "
+        "CUDA only: skipped on CPU, with memory.group_offload, and with train.mixed_precision 'no' over bf16 weights "
+        "(compiled blocks gave NaN gradients there; the bf16 autocast default is verified). The first step (and the first validation render) "
+        "pays a one-time compile of about a minute; inductor caches it (TORCHINDUCTOR_CACHE_DIR) for later runs.",
+    )
+    linear_attention: Literal["fused", "diffusers"] = Field(
+        "fused",
+        description="Self-attention implementation. `fused`: the same linear attention written without diffusers' "
+        "strided rotary writes and layout copies (it keeps token-major layout, normaliser in fp32; fuses well under compile). "
+        "`diffusers`: the stock `SanaLinearAttnProcessor3_0`.",
+    )
+    keep_activations_blocks: int = Field(
+        0,
+        ge=0,
+        description="With memory.gradient_checkpointing on: this many transformer blocks (the last ones) keep their "
+        "activations instead of recomputing them in the backward pass. Faster, but each kept block costs GPU memory "
+        "that grows with frames x pixels (about 4.4 GiB per block at 81x832x480, batch 1, compiled, for about 13 ms "
+        "less per step on an H100; see bench/RESULTS.md). 0 = recompute every block (the safe default).",
+    )

@@ -1,0 +1,169 @@
+"""`speed:` the fast path computes what the plain diffusers path computes; each switch turns its part off.
+
+CPU only, tiny model: the fused attention and selective checkpointing are checked numerically
+against stock diffusers; compile is checked for being applied / skipped, not run (inductor on
+the CPU costs minutes; its numerics are checked on the GPU by bench/train_step.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import SanaVideoTransformer3DModel
+from diffusers.models.transformers.transformer_sana_video import SanaLinearAttnProcessor3_0
+
+from job.models.sanavideo import speed as speed_mod
+from job.models.sanavideo.tiny import TINY_TRANSFORMER_CONFIG
+from job.spec.speed import SpeedSpec
+from job.train.model import prepare_transformer
+from train_helpers import make_spec, spec_dict
+
+
+def _model(dtype=torch.float64, layers: int = 3):
+    torch.manual_seed(0)
+    return SanaVideoTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, "num_layers": layers}).to(dtype)
+
+
+def _inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    return dict(hidden_states=torch.randn(2, 4, 3, 8, 12, generator=g).to(dtype),
+                encoder_hidden_states=torch.randn(2, 7, 32, generator=g).to(dtype),
+                timestep=torch.tensor([100.0, 900.0]), encoder_attention_mask=mask, return_dict=False)
+
+
+def _loss_and_grads(model, dtype=torch.float64):
+    model.zero_grad(set_to_none=True)
+    out = model(**_inputs(dtype))[0]
+    loss = (out.float() ** 2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _spec(tmp_path, tiny_model, **sections):
+    return make_spec(spec_dict(tmp_path, tiny_model, **sections))
+
+
+def test_fused_linear_attention_matches_diffusers_in_float64():
+    plain = _model()
+    fast = copy.deepcopy(plain)
+    assert speed_mod.use_fused_linear_attention(fast) == 3
+    assert speed_mod.use_fused_linear_attention(fast) == 0  # idempotent
+    loss_p, grads_p = _loss_and_grads(plain)
+    loss_f, grads_f = _loss_and_grads(fast)
+    assert grads_p.keys() == grads_f.keys() and len(grads_p) > 10
+    # diffusers' processor casts to float32 (even from float64): agreement at float32 level
+    assert abs(float(loss_f - loss_p)) <= 1e-6 * float(loss_p)
+    for name in grads_p:
+        assert _rel(grads_f[name], grads_p[name]) < 1e-5, name
+
+
+def test_fused_linear_attention_in_bf16_stays_within_bf16_tolerance():
+    plain = _model(torch.bfloat16)
+    fast = copy.deepcopy(plain)
+    speed_mod.use_fused_linear_attention(fast)
+    loss_p, grads_p = _loss_and_grads(plain, torch.bfloat16)
+    loss_f, grads_f = _loss_and_grads(fast, torch.bfloat16)
+    norm_p = torch.stack([g.float().norm() for g in grads_p.values()]).norm()
+    norm_f = torch.stack([g.float().norm() for g in grads_f.values()]).norm()
+    assert abs(float(loss_f - loss_p)) <= 0.01 * float(loss_p)
+    assert abs(float(norm_f - norm_p)) <= 0.02 * float(norm_p)
+
+
+def test_selective_checkpointing_recomputes_only_the_other_blocks(monkeypatch):
+    plain = _model()
+    plain.enable_gradient_checkpointing()
+    fast = copy.deepcopy(plain)
+    assert speed_mod.selective_checkpointing(fast, keep_last=1) == 2
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    loss_p, grads_p = _loss_and_grads(plain)
+    plain_calls = len(calls)
+    calls.clear()
+    loss_f, grads_f = _loss_and_grads(fast)
+    assert plain_calls == 3 and len(calls) == 2
+    assert float(loss_f) == float(loss_p)
+    for name in grads_p:
+        assert _rel(grads_f[name], grads_p[name]) < 1e-12, name
+
+
+def test_prepare_transformer_applies_the_speed_defaults_and_skips_compile_on_cpu(tmp_path, tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = _spec(tmp_path, tiny_model, memory={"gradient_checkpointing": True}, speed={"keep_activations_blocks": 1})
+    model = _model(torch.float32, layers=2)
+    params = prepare_transformer(model, spec)
+    assert params and all(p.requires_grad for p in params)
+    assert all(isinstance(b.attn1.processor, speed_mod.FusedLinearAttnProcessor) for b in model.transformer_blocks)
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.transformer_blocks)
+    assert "not compiling: no CUDA device" in caplog.text
+    assert model.gradient_checkpointing
+
+
+def test_speed_switches_off_leave_the_plain_diffusers_model(tmp_path, tiny_model, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(speed_mod, "compile_available", lambda transformer: (True, ""))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    spec = _spec(tmp_path, tiny_model, memory={"gradient_checkpointing": False},
+                 speed={"compile_blocks": False, "linear_attention": "diffusers", "keep_activations_blocks": 3})
+    model = _model(torch.float32, layers=2)
+    prepare_transformer(model, spec)
+    assert all(type(b.attn1.processor) is SanaLinearAttnProcessor3_0 for b in model.transformer_blocks)
+    assert not model.gradient_checkpointing  # keep_activations_blocks only acts with checkpointing on
+    assert compiled == []
+
+
+def test_compile_is_applied_per_block_where_available(tmp_path, tiny_model, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(speed_mod, "compile_available", lambda transformer: (True, ""))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    model = _model(torch.float32, layers=2)
+    prepare_transformer(model, _spec(tmp_path, tiny_model))
+    assert compiled == list(model.transformer_blocks)
+    compiled.clear()
+    spec = _spec(tmp_path, tiny_model, memory={"group_offload": {"enabled": True}})
+    prepare_transformer(_model(torch.float32, layers=2), spec)
+    assert compiled == []  # group offload hooks move weights inside the blocks: no compile
+    spec = _spec(tmp_path, tiny_model, model={"base_model_precision": "bf16"}, train={"mixed_precision": "no"})
+    prepare_transformer(_model(torch.float32, layers=2), spec)
+    assert compiled == []  # bf16 compute without autocast: compiled blocks gave NaN gradients on the GPU
+    spec = _spec(tmp_path, tiny_model, model={"base_model_precision": "bf16"}, train={"mixed_precision": "bf16"})
+    model = _model(torch.float32, layers=2)
+    prepare_transformer(model, spec)
+    assert compiled == list(model.transformer_blocks)
+
+
+def test_validation_pipeline_gets_the_speedups(tiny_model):
+    from job.models.sanavideo.loading import load_components
+    from job.models.sanavideo.validation import build_pipeline
+
+    parts = load_components(tiny_model, dtype=torch.float32, parts={"transformer", "vae", "scheduler"})
+    pipe = build_pipeline(parts)
+    assert all(type(b.attn1.processor) is SanaLinearAttnProcessor3_0 for b in pipe.transformer.transformer_blocks)
+    pipe = build_pipeline(parts, speed=SpeedSpec())
+    assert all(isinstance(b.attn1.processor, speed_mod.FusedLinearAttnProcessor) for b in pipe.transformer.transformer_blocks)
+    training = _model(torch.float32, layers=1).train()  # the transformer being trained: validation leaves it alone
+    assert speed_mod.apply_inference_speedups(training, SpeedSpec()) == []
+    assert type(training.transformer_blocks[0].attn1.processor) is SanaLinearAttnProcessor3_0
+    off = SimpleNamespace(linear_attention="diffusers", compile_blocks=False)
+    model = _model(torch.float32, layers=1).eval()
+    assert speed_mod.apply_inference_speedups(model, off) == []
+    assert type(model.transformer_blocks[0].attn1.processor) is SanaLinearAttnProcessor3_0
+
+
+def test_speed_spec_rejects_a_negative_block_count():
+    with pytest.raises(ValueError):
+        SpeedSpec(keep_activations_blocks=-1)
