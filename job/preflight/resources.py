@@ -91,6 +91,13 @@ def host_ram_need(inp: EstimateInputs, to_disk: bool, small_model: bool = False)
     if inp.group_offload and not to_disk:
         base = WEIGHT_BYTES[inp.base_precision] if inp.model_type == "lora" else inp.trainable_bytes
         parts["group_offload_weights"] = inp.params.total * base
+    if inp.group_offload:
+        # job.train.offload: the offloaded trained parameters' gradients and optimizer states live in
+        # host RAM (also with to_disk_path, which holds only the weights)
+        from .estimate import optimizer_state_bytes
+
+        parts["group_offload_gradients"] = inp.trainable * inp.trainable_bytes
+        parts["group_offload_optimizer_states"] = inp.trainable * optimizer_state_bytes(inp.optimizer, inp.trainable_bytes)
     if inp.use_ema and not inp.ema_on_accelerator:
         parts["ema_on_cpu"] = inp.trainable * inp.trainable_bytes
     if inp.model_cpu_offload:

@@ -9,22 +9,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from job.errors import InputError, PhaseUnavailable
+from job.errors import InputError
 
 from . import lora as lora_mod
+from . import quantize as quantize_mod
 
 log = logging.getLogger("trainer.train")
 
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# int8 / fp8: loaded in bf16, then quantised (LoRA: the frozen base) or trained with fp8 matmuls (full)
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 def weight_dtype(spec) -> torch.dtype:
     precision = spec.model.base_model_precision
-    if precision not in WEIGHT_DTYPES:
-        raise PhaseUnavailable(
-            f"model.base_model_precision {precision!r} (quantised training) is not implemented by this build's train phase",
-            "use base_model_precision: bf16 (or fp32)",
-        )
+    if precision in quantize_mod.QUANTISED:
+        quantize_mod.check_available(precision)
     return WEIGHT_DTYPES[precision]
 
 
@@ -43,8 +42,12 @@ def prepare_transformer(transformer, spec):
         lora_mod.add_lora(transformer, spec.model.lora)
     else:
         transformer.requires_grad_(True)
+    quantize_mod.quantize_base(transformer, spec)
     if spec.memory.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    from job.models.sanavideo.speed import apply_training_speedups
+
+    apply_training_speedups(transformer, spec)  # spec.speed: fused attention, selective checkpointing, compile
     transformer.train()
     return [p for p in transformer.parameters() if p.requires_grad]
 
