@@ -85,8 +85,8 @@ TEXT_ENCODER_PARAMS = 2_614_341_888
 CUDA_CONTEXT_BYTES = 512 * MIB
 ALLOCATOR_SLACK_FRACTION = 0.025
 
-#: DINOv2 encoders used by CREPA (parameters, width). Not measured: weights (bf16) plus the
-#: frozen features of every frame.
+#: DINOv2 encoders used by CREPA (parameters, width). Training needs only the width (the
+#: projector's output); the parameters count for the cache phase, where the encoder runs.
 CREPA_ENCODERS = {"dinov2_vitg14": (1_136_480_768, 1536), "dinov2_vits14": (22_056_576, 384)}
 
 #: Optimizer state bytes per trainable parameter, given the trainable dtype's bytes.
@@ -208,12 +208,24 @@ def weights_bytes(inp: EstimateInputs) -> dict[str, float]:
     return out
 
 
+def _trainable_on_gpu(inp: EstimateInputs) -> float:
+    """Trained parameters whose gradients and optimizer states live on the GPU. A full fine-tune with
+    group offload (`job.train.offload`) keeps the blocks' gradients and optimizer states in CPU RAM:
+    only the layers outside the blocks (embeddings, output head) stay on the GPU."""
+    if inp.group_offload and inp.model_type == "full":
+        return inp.params.top
+    return inp.trainable
+
+
 def gradients_bytes(inp: EstimateInputs) -> float:
+    if inp.group_offload and inp.model_type == "full":
+        # plus one block's gradients on their way to the CPU
+        return (inp.params.top + inp.params.per_block) * inp.trainable_bytes
     return inp.trainable * inp.trainable_bytes
 
 
 def optimizer_bytes(inp: EstimateInputs) -> float:
-    return inp.trainable * optimizer_state_bytes(inp.optimizer, inp.trainable_bytes)
+    return _trainable_on_gpu(inp) * optimizer_state_bytes(inp.optimizer, inp.trainable_bytes)
 
 
 def ema_bytes(inp: EstimateInputs) -> float:
@@ -223,17 +235,21 @@ def ema_bytes(inp: EstimateInputs) -> float:
 
 def aux_bytes(inp: EstimateInputs) -> dict[str, float]:
     """Other models resident during training: the VAE (for validation decodes; not with model
-    CPU offload) and CREPA's frozen DINOv2 encoder with its per-step features."""
+    CPU offload) and CREPA's projector. CREPA's DINOv2 encoder runs only in the cache phase
+    (`job.train.crepa`: its features are cached), so training holds the projector MLP with its
+    gradients and AdamW moments in fp32 (16 B/param; 11.9M params for the 2B model and vitg14).
+    The fp32 copy of the captured block states is pooled and freed before backward, the peak:
+    measured on an H100, CREPA raised a step's peak by 0.05 GiB, the projector's gradients."""
     out: dict[str, float] = {}
     if inp.validation and not inp.model_cpu_offload:
         out["vae_weights"] = VAE_PARAMS * VAE_BYTES_PER_PARAM
     if inp.crepa_encoder:
-        params, width = CREPA_ENCODERS[inp.crepa_encoder]
-        patches = (inp.crepa_image_size // 14) ** 2 + 1
-        out["crepa_encoder"] = params * 2
-        # frozen features of every frame (bf16) and the transient of one encoder pass over them
-        out["crepa_features"] = inp.batch * inp.crepa_frames * patches * width * 2 * 4
-        out["crepa_block_states"] = _tokens_channels(inp) * 4
+        from job.train.crepa import PROJECTOR_HIDDEN
+
+        _, width = CREPA_ENCODERS[inp.crepa_encoder]
+        hidden = min(PROJECTOR_HIDDEN, 4 * inp.inner_dim)
+        projector = inp.inner_dim * hidden + hidden * hidden + hidden * width + 2 * hidden + width
+        out["crepa_projector"] = projector * 16
     return out
 
 
@@ -296,7 +312,8 @@ def training_phases(inp: EstimateInputs) -> dict[str, dict[str, float]]:
     resident = _resident(inp)
     grads_total = gradients_bytes(inp)
     if inp.model_type == "full":
-        grad_block = inp.params.per_block * inp.trainable_bytes
+        # group offload sends each block's gradients to CPU RAM as they are made: none pile up
+        grad_block = 0.0 if inp.group_offload else inp.params.per_block * inp.trainable_bytes
     else:
         grad_block = grads_total / max(1, L)
     stored = checkpoint_input_per_block(inp) if inp.gradient_checkpointing else saved_per_block(inp)
@@ -322,7 +339,7 @@ def training_phases(inp: EstimateInputs) -> dict[str, dict[str, float]]:
         backward["autocast_weight_cache"] = inp.params.per_block * 2 if inp.gradient_checkpointing else autocast_cache_bytes(inp)
     step = dict(resident)
     step.update(gradients=grads_total, ddp_gradient_buckets=ddp,
-                optimizer_step_temporaries=optimizer_step_temp_bytes(inp.optimizer, inp.trainable, inp.trainable_bytes))
+                optimizer_step_temporaries=optimizer_step_temp_bytes(inp.optimizer, _trainable_on_gpu(inp), inp.trainable_bytes))
     phases = {"forward": forward, "backward": backward, "optimizer_step": step}
     if inp.validation and inp.validation_tokens:
         v = dict(resident)
@@ -339,13 +356,25 @@ def vae_decode_bytes(frames: int, pixels: int) -> float:
     return VAE_DECODE_PER_PIXEL_FRAME * frames * pixels + VAE_DECODE_PER_PIXEL * pixels
 
 
-def cache_phase_bytes(frames: int, pixels: int, model_cpu_offload: bool = False) -> dict[str, float]:
+def cache_phase_bytes(frames: int, pixels: int, model_cpu_offload: bool = False, crepa_encoder: str | None = None,
+                      crepa_image_size: int = 518) -> dict[str, float]:
     """Peak of the cache phase: the Wan VAE (fp32) encoding one clip, with the Gemma2 text
-    encoder (bf16) resident unless model CPU offload moves it out while the VAE runs."""
+    encoder (bf16) resident unless model CPU offload moves it out while the VAE runs, and with
+    CREPA, its DINOv2 encoder (bf16) and one chunk of `job.train.crepa.ENCODER_CHUNK` frames
+    through it: per frame, the float32 frame and its resize (2 x pixels x 3 x 4 B) and about 14
+    bf16 activations of tokens x width. Measured on an H100 (bench/crepa_rollout.py): 1.07 GiB for
+    vitg14 at 518 px (this gives 1.02), 0.16 GiB for vits14 at 224 (0.18)."""
     parts = {"vae_weights": float(VAE_PARAMS * VAE_BYTES_PER_PARAM),
              "vae_encode": VAE_ENCODE_PER_PIXEL_FRAME * frames * pixels + VAE_ENCODE_PER_PIXEL * pixels}
     if not model_cpu_offload:
         parts["text_encoder_weights"] = float(TEXT_ENCODER_PARAMS * 2)
+    if crepa_encoder:
+        from job.train.crepa import ENCODER_CHUNK
+
+        params, width = CREPA_ENCODERS[crepa_encoder]
+        tokens = (crepa_image_size // 14) ** 2 + 1
+        parts["crepa_encoder_weights"] = float(params * 2)
+        parts["crepa_encoder_forward"] = float(ENCODER_CHUNK * (pixels * 3 * 4 * 2 + tokens * width * 2 * 14))
     return parts
 
 
@@ -510,7 +539,7 @@ def candidate_changes(inp: EstimateInputs, budget: float) -> list[tuple[str, Est
     if inp.batch > 1:
         out.append(("train.train_batch_size: 1 (raise gradient_accumulation_steps to keep the effective batch)", replace(inp, batch=1)))
     if not inp.group_offload and not inp.model_cpu_offload and inp.processes == 1:
-        note = "" if inp.model_type == "lora" else "; moves weights only, gradients and optimizer states stay on the GPU"
+        note = "" if inp.model_type == "lora" else "; weights, gradients and optimizer states in CPU RAM, about 1.5x the step time"
         out.append((f"memory.group_offload.enabled: true (block_level, 1 block per group{note})",
                     replace(inp, group_offload=True, group_offload_type="block_level", blocks_per_group=1)))
     if inp.model_type == "full":

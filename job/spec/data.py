@@ -66,7 +66,7 @@ class VideoDataset(Section):
     crop_style: Literal["center", "random"] = Field("center", description="Where to crop when `crop` is on.")
     repeats: int = Field(0, ge=0, description="Extra times each clip is seen per epoch (0 = once). Raise it for tiny datasets.")
     cache_dir_vae: str | None = Field(None, description="Latent cache folder for this dataset. Default: `cache/vae/<id>` under the workspace.")
-    masks_dir: str | None = Field(None, description="Folder of masks (same stem as the clip; video or image) for masked loss, relative to the dataset folder.")
+    masks_dir: str | None = Field(None, description="Folder of masks (same stem as the clip; video or image; white counts, or for an image with transparency, its opaque part) for masked loss, relative to the dataset folder.")
     video: VideoOptions = Field(default_factory=VideoOptions, description="Video options.")
 
 

@@ -32,14 +32,14 @@ class EmaSpec(Section):
 class CrepaSpec(Section):
     """CREPA: align a transformer block's hidden states with DINOv2 features of neighbouring frames (temporal consistency)."""
 
-    enabled: bool = Field(False, description="Turn the CREPA regulariser on (against flicker and drifting subjects).")
+    enabled: bool = Field(False, description="Turn the CREPA regulariser on (against flicker and drifting subjects). The cache phase stores the encoder's features with the latents; training does not load the encoder.")
     block_index: int = Field(10, ge=0, description="Transformer block whose hidden states are aligned.")
     weight: float = Field(0.5, ge=0.0, description="Weight of the CREPA loss added to the flow-matching loss.")
     adjacent_distance: int = Field(1, ge=0, description="Neighbouring frames (each side) included in the alignment target.")
     temporal_decay: float = Field(1.0, ge=0.0, description="Weight decay per frame of distance for neighbours.")
     encoder: Literal["dinov2_vitg14", "dinov2_vits14"] = Field("dinov2_vitg14", description="Frozen DINOv2 image encoder.")
     encoder_image_size: Literal[518, 224] = Field(518, description="Input size of the encoder: 518 for vitg14, 224 for the small vits14.")
-    encoder_path: str | None = Field(None, description="Where the DINOv2 weights come from (local folder, hf://, s3://): torch hub downloads are not used.")
+    encoder_path: str | None = Field(None, description="Where the DINOv2 weights come from: a local folder saved with transformers' `save_pretrained`, hf:// or s3://. Unset: the Hub copy (`facebook/dinov2-giant` / `facebook/dinov2-small`), fetched by the pull phase; torch hub downloads are not used.")
 
 
 class ScheduledSamplingSpec(Section):

@@ -51,7 +51,7 @@ def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None) -> 
                     metrics = dict(loss=out.loss, lr=s.scheduler.get_last_lr()[0], grad_norm=out.grad_norm, step_time=dt,
                                    samples_per_s=out.samples / dt, tokens_per_s=out.tokens / dt,
                                    peak_mem_gb=peak_memory_gb(s.accelerator.device),
-                                   epoch=s.epoch + s.position / len(s.sampler))
+                                   epoch=s.epoch + s.position / len(s.sampler), **out.extras)
                     s.metrics.log(s.step, metrics)
                     for callback in hooks.on_step_end:
                         callback(StepInfo(s.step, s.total_steps, s.epoch, metrics, s.accelerator.is_main_process, s))

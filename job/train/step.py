@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from job.errors import EXIT_BAD_INPUT, TrainerError
+
+from .rollout import rollout_inputs
 
 log = logging.getLogger("trainer.train")
 
@@ -27,6 +29,7 @@ class StepOutcome:
     samples: int  # clips in this optimizer step, all processes
     tokens: int  # transformer tokens in this optimizer step, all processes
     skipped: bool = False
+    extras: dict[str, float] = field(default_factory=dict)  # optional parts' metrics (crepa_loss, ...), this process
 
 
 def caption_dropout(s, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,27 +45,37 @@ def caption_dropout(s, batch: dict, device: torch.device) -> tuple[torch.Tensor,
 
 
 def compute_loss(s, batch: dict) -> torch.Tensor:
+    """Flow-matching loss of one micro-batch, with the optional parts the spec turns on: scheduled
+    sampling (`rollout`: x_t from the model's own steps), the loss mask, CREPA (`crepa`)."""
     device = s.accelerator.device
     x0 = batch["latents"].to(device, torch.float32)
     embeds, text_mask = caption_dropout(s, batch, device)
     inputs = s.objective.training_inputs(x0, s.generator, world_size=s.world, rank=s.rank)
-    pred = s.transformer(
-        inputs.noisy.to(s.weight_dtype), encoder_hidden_states=embeds, encoder_attention_mask=text_mask,
-        timestep=inputs.timesteps, return_dict=False,
-    )[0]
+    if s.spec.train.scheduled_sampling.probability > 0:
+        inputs = rollout_inputs(s, x0, inputs, embeds, text_mask)
+    crepa = getattr(s, "crepa", None)
+    with crepa.capture() if crepa is not None else contextlib.nullcontext():
+        pred = s.transformer(
+            inputs.noisy.to(s.weight_dtype), encoder_hidden_states=embeds, encoder_attention_mask=text_mask,
+            timestep=inputs.timesteps, return_dict=False,
+        )[0]
     loss_mask = batch["mask"] if s.spec.train.masked_loss else None
-    return s.objective.loss(pred, inputs.target, inputs.sigmas, None if loss_mask is None else loss_mask.to(device))
+    loss = s.objective.loss(pred, inputs.target, inputs.sigmas, None if loss_mask is None else loss_mask.to(device))
+    if crepa is not None:
+        loss = loss + crepa.loss(batch.get("crepa_features"), x0.shape)
+    return loss
 
 
 def clip_gradients(s) -> float:
     """Clip by `max_grad_norm` (norm or value; 0 = off). Returns the global norm before clipping."""
     t, acc = s.spec.train, s.accelerator
+    params = s.params + (s.crepa.parameters() if getattr(s, "crepa", None) is not None else [])
     if t.max_grad_norm > 0 and t.grad_clip_method == "norm":
-        return float(acc.clip_grad_norm_(s.params, t.max_grad_norm))
-    grads = [p for p in s.params if p.grad is not None]
+        return float(acc.clip_grad_norm_(params, t.max_grad_norm))
+    grads = [p for p in params if p.grad is not None]
     norm = float(torch.nn.utils.clip_grad_norm_(grads, float("inf"))) if grads else 0.0  # measures, scales by 1
     if t.max_grad_norm > 0:
-        acc.clip_grad_value_(s.params, t.max_grad_norm)
+        acc.clip_grad_value_(params, t.max_grad_norm)
     return norm
 
 
@@ -75,7 +88,7 @@ def tokens_per_sample(s, latents: torch.Tensor) -> int:
 def train_step(s, batches) -> StepOutcome:
     t, acc = s.spec.train, s.accelerator
     accum = t.gradient_accumulation_steps
-    losses, samples, tokens = [], 0, 0
+    losses, samples, tokens, crepa_values = [], 0, 0, []
     for micro in range(accum):
         batch = next(batches)
         last = micro == accum - 1
@@ -83,6 +96,8 @@ def train_step(s, batches) -> StepOutcome:
             loss = compute_loss(s, batch)
             acc.backward(loss / accum)
         losses.append(loss.detach().float())
+        if getattr(s, "crepa", None) is not None:
+            crepa_values.append((s.crepa.last_loss, s.crepa.last_similarity))
         samples += batch["latents"].shape[0] * s.world
         tokens += tokens_per_sample(s, batch["latents"]) * batch["latents"].shape[0] * s.world
     loss_value = float(acc.reduce(torch.stack(losses).mean(), "mean"))
@@ -110,4 +125,8 @@ def train_step(s, batches) -> StepOutcome:
     s.last_loss = loss_value
     if s.ema is not None:
         s.ema.maybe_update(s.step)
-    return StepOutcome(loss_value, grad_norm, samples, tokens)
+    extras = {}
+    if crepa_values:
+        extras = {"crepa_loss": sum(v[0] for v in crepa_values) / len(crepa_values),
+                  "crepa_similarity": sum(v[1] for v in crepa_values) / len(crepa_values)}
+    return StepOutcome(loss_value, grad_norm, samples, tokens, extras=extras)

@@ -84,6 +84,9 @@ MEASURED = [
      {"lora": {"rank": 16, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point"]}}),
     ("full-bf16-autocast-ckpt-optimi-kahan", "full", "bf16", True, True, 81, 480, 832, 1, 26.24, {"optimizer": "optimi-adamw"}),
     ("lora64-attn-autocast-ckpt-groupoffload", "lora", "bf16", True, True, 81, 480, 832, 1, 12.05, {"group_offload": True}),
+    # job.train.offload (bench/offload_quant.py): blocks' weights, gradients and AdamW states in CPU RAM
+    ("full-bf16-autocast-ckpt-groupoffload (trainer's offload)", "full", "bf16", True, True, 81, 480, 832, 1, 11.96,
+     {"group_offload": True}),
     # measured before the bench existed (same setup), given with the task
     ("prior full-bf16-ckpt", "full", "bf16", False, True, 81, 480, 832, 1, 22.3),
     ("prior full-fp32master-autocast-ckpt", "full", "fp32", True, True, 81, 480, 832, 1, 38.0),

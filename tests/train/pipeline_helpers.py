@@ -1,0 +1,56 @@
+"""Helpers for tests that run the real cache phase and then training: synthetic H.264 clips, a spec."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from job.spec import validate_data
+from job.workspace import Workspace
+
+FRAMES = 5  # pixel frames per sample -> 2 latent frames
+SIZE = 64  # px -> 8x8 latents, 4x4 transformer tokens
+CLIPS = 2
+
+
+def write_clips(folder: Path, clips: int = CLIPS) -> Path:
+    from job.smoke import write_synthetic_dataset
+
+    write_synthetic_dataset(folder, clips=clips, frames=9, width=SIZE, height=SIZE, fps=8)
+    return folder
+
+
+def pipeline_spec(workspace: Path, model_path: Path, dataset: dict[str, Any] | None = None, **sections: dict[str, Any]):
+    """A spec over `workspace/clips`: one dataset at 64 px and 5 frames, caching in fp32 on the CPU."""
+    spec = loaded(workspace, model_path, dataset, **sections).spec
+    return spec, Workspace.for_spec(spec)
+
+
+def loaded(workspace: Path, model_path: Path, dataset: dict[str, Any] | None = None, **sections: dict[str, Any]):
+    """`pipeline_spec`'s spec as a LoadedSpec (with its warnings); raises SpecErrors for bad ones."""
+    data: dict[str, Any] = {
+        "name": "tiny-pipeline",
+        "workspace": str(workspace),
+        "model": {"pretrained_model_name_or_path": str(model_path), "base_model_precision": "fp32",
+                  "prompt": {"max_sequence_length": 8}},
+        "data": {"datasets": [{"id": "clips", "source": "clips", "caption_strategy": "textfile", "resolution": SIZE,
+                               "resolution_type": "pixel", "video": {"num_frames": FRAMES}, **(dataset or {})}],
+                 "text_embeds": {"cache_dir": "cache/text"}, "vae_batch_size": 2, "cache_dtype": "fp32", "framerate": 8},
+        "train": {"max_train_steps": 2, "mixed_precision": "no", "optimizer": "adamw", "learning_rate": 1e-3,
+                  "lr_scheduler": "constant", "train_batch_size": 1, "caption_dropout_probability": 0.0, "seed": 7},
+        "memory": {"gradient_checkpointing": False},
+        "validation": {"enabled": False},
+        "checkpoints": {"step_interval": 1000, "total_limit": 3},
+    }
+    for section, values in sections.items():
+        merged = copy.deepcopy(data[section])
+        merged.update(values)
+        data[section] = merged
+    return validate_data(data, "<test>", env={})
+
+
+def cache(spec, ws):
+    from job.cache.phase import run_cache
+
+    return run_cache(spec, ws, device="cpu", num_workers=0, show=False)
