@@ -246,10 +246,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
-    except Exception:  # a bug in trainer: show everything
-        console.print_exception()
+    except Exception as exc:
+        if _disk_full(exc):  # any phase, any library (torch, safetensors, PyAV): a full disk is no bug
+            problem = EnvironmentProblem(f"the disk is full: {exc}",
+                                         "free space on the workspace volume (or give it a larger one), then run the "
+                                         "same command again: it resumes from what was written, the last checkpoint")
+            _print_error(problem)
+            event("job_failed", error=str(problem), exit_code=problem.exit_code)
+            return problem.exit_code
+        console.print_exception()  # a bug in trainer: show everything
         return EXIT_BUG
     return EXIT_OK
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception chain (libraries wrap it in their own errors, some only in text)."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -149,9 +149,16 @@ def read_header(path: Path | str) -> dict:
             if start != MAGIC:
                 data = start + f.read(8 - len(start))
                 (n,) = struct.unpack("<Q", data)
-                if n > path.stat().st_size:
+                size = path.stat().st_size
+                if n > size:
                     raise ValueError(f"header length {n} exceeds the file size")
-                return json.loads(f.read(n))
+                header = json.loads(f.read(n))
+                # A file cut short (a full disk, a copy that stopped) keeps a good header: check the
+                # size it declares, so such a file counts as broken (and is recomputed) everywhere.
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if size != 8 + n + end:
+                    raise ValueError(f"the file is {size} bytes, its header describes {8 + n + end}")
+                return header
             d = zlib.decompressobj()
             buf = b""
             while True:

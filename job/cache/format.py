@@ -5,6 +5,8 @@ Latent cache, one folder per dataset (`ws.latent_cache_dir(ds)`):
     <sample_key>.safetensors   tensors  latents [C, F, H, W]      normalised: (raw - mean) / std
                                         first_frame_latents [C, 1, H, W]   (optional, i2v)
                                         mask [1, F, H, W]          (optional, latent resolution, 0..1)
+                                        crepa_features [F, rows, cols, D]  (optional, CREPA's DINOv2 features
+                                                                   per latent frame, `job.train.crepa`)
                                metadata caption_key, bucket ("832x480@81"), source, is_holdout ("0"/"1"),
                                         format_version, plus any extra string fields (cache key fields)
     manifest.json              {"format_version": 1, "samples": {sample_key: {"file": ..., "caption_key": ...,
@@ -52,6 +54,7 @@ SUFFIX = ".safetensors"
 LATENTS = "latents"
 FIRST_FRAME_LATENTS = "first_frame_latents"
 MASK = "mask"
+CREPA_FEATURES = "crepa_features"
 PROMPT_EMBEDS = "prompt_embeds"
 PROMPT_ATTENTION_MASK = "prompt_attention_mask"
 
@@ -212,6 +215,7 @@ class CachedSample:
     first_frame_latents: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # [1, F, H, W]
     extra: dict[str, str] | None = None
+    crepa_features: torch.Tensor | None = None  # [F, rows, cols, D]
 
 
 def write_sample(
@@ -227,6 +231,7 @@ def write_sample(
     mask: torch.Tensor | None = None,
     extra: Mapping[str, str] | None = None,
     compress: bool = False,
+    crepa_features: torch.Tensor | None = None,
 ) -> Path:
     """Write one latent sample atomically; returns its path. `extra` holds cache key fields (strings);
     `compress` writes the file compressed (`job.cache.compression`; every reader here reads both)."""
@@ -240,6 +245,10 @@ def write_sample(
         tensors[FIRST_FRAME_LATENTS] = first_frame_latents
     if mask is not None:
         tensors[MASK] = mask
+    if crepa_features is not None:
+        if crepa_features.ndim != 4 or crepa_features.shape[0] != latents.shape[1]:
+            raise ValueError(f"crepa_features must be [F, rows, cols, D] with F = {latents.shape[1]}, got {tuple(crepa_features.shape)}")
+        tensors[CREPA_FEATURES] = crepa_features
     metadata = {str(k): str(v) for k, v in (extra or {}).items() if k not in _RESERVED_META}
     metadata.update(caption_key=caption_key, bucket=bucket, source=str(source), is_holdout="1" if is_holdout else "0",
                     format_version=str(FORMAT_VERSION))
@@ -258,6 +267,7 @@ def read_sample(cache_dir: Path, sample_key: str) -> CachedSample:
         sample_key=sample_key, latents=tensors[LATENTS], caption_key=meta["caption_key"], bucket=meta["bucket"],
         source=meta.get("source", ""), is_holdout=meta.get("is_holdout", "0") == "1",
         first_frame_latents=tensors.get(FIRST_FRAME_LATENTS), mask=tensors.get(MASK), extra=extra,
+        crepa_features=tensors.get(CREPA_FEATURES),
     )
 
 

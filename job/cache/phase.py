@@ -23,7 +23,10 @@ draws its posterior sample from its own generator seeded from the sample's ident
 another batch size or another order gives the same latents. i2v samples also get
 `first_frame_latents` (the mode of the first frame alone, as `SanaImageToVideoPipeline` encodes
 its condition image); samples with a mask (`masks_dir`) get `mask` [1, F', H', W'] in [0, 1]
-(the mask's frames averaged over each latent frame's pixel frames and over 8x8 pixels).
+(the mask's frames averaged over each latent frame's pixel frames and over 8x8 pixels). With
+`train.crepa.enabled`, each sample also gets `crepa_features` (`job.train.crepa.encode_frames`:
+DINOv2 features of the same decoded frames, one frame per latent frame), and the encoder's identity
+joins the cache key (turning CREPA on re-encodes; turning it off reuses the files as they are).
 
 Keys, skips, stale items, orphans
 ---------------------------------
@@ -42,7 +45,15 @@ Crash safety: every file is written atomically (temporary name, fsync, rename), 
 manifests, which are rewritten at the start (without stale/orphan entries) and then every
 `MANIFEST_FLUSH_SECONDS` and at the end. A file that reached disk carries its full cache key, so a
 run killed between a file and the next manifest flush loses nothing: the rerun checks that
-file's header and adopts it. A kill loses at most the batch in flight.
+file's header and adopts it. A kill loses at most the batch in flight. Damage after the fact: a
+rerun reads every cached file's header (not its tensors; a plain file's header also gives its
+size), so a file cut short or with a broken header is recomputed ("stale"), not skipped. A
+compressed file cut short keeps a readable header: it is found when training reads it, the reader
+sets it aside (`job.cache.reader`) and the next run recomputes it. Tensor bytes changed in place,
+at the same size, are not detected (there is no checksum: it would mean reading the whole cache on
+every start); delete such a file to have it recomputed. Note
+that a recomputed latent equals the first one only up to float rounding (~1e-7 on the CPU) unless it
+is encoded in the same VAE batch: the VAE's output depends slightly on the batch it runs in.
 
 Memory and speed: one model at a time. The text encoder is loaded, used and freed before the VAE is
 loaded; the VAE is freed at the end. Both are loaded on the CPU and moved to the device only for
@@ -291,7 +302,7 @@ def sample_seed(sample) -> int:
     return stable_seed("vae-latent-sample", sample.key)
 
 
-def latent_key(sample, spec: JobSpec, vae_id: str) -> dict[str, str]:
+def latent_key(sample, spec: JobSpec, vae_id: str, crepa_id: str | None = None) -> dict[str, str]:
     """Everything that decides a sample's cached latents (all strings, stored in the file's metadata;
     no name may be one of the format's own metadata fields: caption_key, bucket, source, ...)."""
     key = {
@@ -311,6 +322,8 @@ def latent_key(sample, spec: JobSpec, vae_id: str) -> dict[str, str]:
     }
     if spec.data.vae_latent_mode == "sample":
         key["seed"] = str(sample_seed(sample))
+    if crepa_id:  # absent when CREPA is off, so files with features still match (they are read, never used)
+        key["crepa"] = crepa_id
     return key
 
 
@@ -573,7 +586,6 @@ def _cache_text(spec: JobSpec, ws: Workspace, plan, dev: torch.device, result: C
     want_dtype = _ST_DTYPES[dtype_name]
 
     old = _read_text_manifest(folder)
-    old_prompts: dict[str, dict] = old.get("prompts", {})
     old_owners: dict[str, str] = old.get("owners", {})
 
     todo: list[TextItem] = []
@@ -590,11 +602,8 @@ def _cache_text(spec: JobSpec, ws: Workspace, plan, dev: torch.device, result: C
                 stale_keys.add(key)
             continue
         size, is_comp = state
-        entry = old_prompts.get(key)
-        valid = entry is not None and entry.get("bytes") == size and entry.get("dtype") == dtype_name \
-            and entry.get("length") == ctx.max_sequence_length
-        if not valid:
-            valid = _text_file_valid(path, want_dtype, ctx.max_sequence_length)
+        # The file's header is read either way (cheap): a file damaged since it was written is recomputed.
+        valid = _text_file_valid(path, want_dtype, ctx.max_sequence_length)
         if not valid:
             todo.append(item)
             stale_keys.add(key)  # a file of that name with other contents (dtype, length, unreadable)
@@ -756,13 +765,18 @@ def _cache_latents(spec: JobSpec, ws: Workspace, plan, dev: torch.device, result
     counts = result.latents
     ctx = fmt.text_key_context(spec, ws)
     vae_id = vae_identity(spec, ws)
+    crepa_id = None
+    if spec.train.crepa.enabled:
+        from job.train.crepa import encoder_identity
+
+        crepa_id = encoder_identity(spec, ws)
     compress = spec.data.compress_disk_cache
 
     datasets = {ds.id: ds for ds in spec.data.active()}
     planned: dict[str, list[_Planned]] = {ds_id: [] for ds_id in datasets}
     for s in plan.samples:
         ds = datasets[s.dataset_id]
-        planned[s.dataset_id].append(_Planned(s, latent_sample_key(s), ws.latent_cache_dir(ds), latent_key(s, spec, vae_id),
+        planned[s.dataset_id].append(_Planned(s, latent_sample_key(s), ws.latent_cache_dir(ds), latent_key(s, spec, vae_id, crepa_id),
                                               ctx.key(s.caption)))
 
     manifests: dict[str, dict[str, dict]] = {}
@@ -854,6 +868,10 @@ def _latent_status(item: _Planned, entry: dict | None, compress: bool) -> tuple[
     size, is_comp = state
     labels_ok = None
     if entry is not None and entry.get("bytes") == size and entry.get("key") == item.key:
+        try:  # the header only (cheap): a file damaged since it was written is recomputed
+            compression.read_header(path)
+        except InputError:
+            return "stale", None
         labels_ok = entry.get("caption_key") == item.caption_key and bool(entry.get("is_holdout")) == item.sample.is_holdout
     else:  # not (yet) in the manifest, e.g. written just before a kill: trust the file's own header
         try:
@@ -976,6 +994,11 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
     store_dtype = _DTYPES[spec.data.cache_dtype]
     sample_mode = spec.data.vae_latent_mode == "sample"
     info = {"vae_dtype": str(vae_dtype).removeprefix("torch.")}
+    encoder = None
+    if spec.train.crepa.enabled:
+        from job.train import crepa
+
+        encoder = crepa.load_encoder(spec, ws, dev, vae_dtype)
 
     samples = [item.sample for item, _ in todo]
     workers = _fit_workers(max(0, min(num_workers, len(todo))), todo, spec.data.vae_batch_size)
@@ -1017,6 +1040,10 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
             indices = batch["indices"]
             batch_samples = [todo[i][0].sample for i in indices]
             latents, first = _encode_batch(vae, _to_video(batch["frames"], dev), batch_samples, dev, sample_mode)
+            feats = None
+            if encoder is not None:
+                feats = crepa.encode_frames(encoder, batch["frames"], spec.train.crepa.encoder_image_size, temporal,
+                                            crepa.feature_grid(*latents.shape[-2:])).to(store_dtype).cpu()
             del batch["frames"]
             latents = latents.to(store_dtype).cpu()
             first = first.to(store_dtype).cpu() if first is not None else None
@@ -1024,11 +1051,13 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
                 item, stale = todo[index]
                 mask = batch["masks"][j]
 
-                def write(item=item, lat=latents[j].clone(), ff=None if first is None else first[j].clone(), mask=mask):
+                def write(item=item, lat=latents[j].clone(), ff=None if first is None else first[j].clone(), mask=mask,
+                          cf=None if feats is None else feats[j].clone()):
                     path = fmt.write_sample(
                         item.cache_dir, item.sample_key, lat, caption_key=item.caption_key, bucket=item.sample.bucket,
                         source=item.sample.relpath, is_holdout=item.sample.is_holdout, first_frame_latents=ff,
-                        mask=None if mask is None else mask.to(store_dtype), extra={**item.key, **info}, compress=compress)
+                        mask=None if mask is None else mask.to(store_dtype), extra={**item.key, **info}, compress=compress,
+                        crepa_features=cf)
                     return path.stat().st_size
 
                 def written(size, item=item, stale=stale):
@@ -1047,7 +1076,7 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
         writer.drain()
     finally:
         torch.backends.cudnn.benchmark = benchmark
-        del loader, vae
+        del loader, vae, encoder
         _free(dev)
 
 
@@ -1089,7 +1118,7 @@ def load_mask(sample, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
     """A sample's mask at latent resolution: float [1, F', H', W'] in [0, 1] (1 = counts in the loss).
 
     The mask file (an image: the same mask for every frame; or a video: the same window as the
-    clip) gets the clip's crop and resize; white is 1. Each latent frame averages its pixel frames
+    clip) gets the clip's crop and resize; white is 1, or, for an image with transparency, opaque. Each latent frame averages its pixel frames
     (the first alone, then groups of `temporal`), each latent pixel its `spatial` x `spatial` block.
     """
     import numpy as np
@@ -1100,7 +1129,10 @@ def load_mask(sample, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(path) as img:
-            gray = img.convert("L")
+            # an image with transparency is a cut-out: its alpha channel is the mask (opaque counts)
+            rgba = img.convert("RGBA") if "A" in img.getbands() or "transparency" in img.info else None
+            alpha = rgba.getchannel("A") if rgba is not None else None
+            gray = alpha if alpha is not None and alpha.getextrema()[0] < 255 else img.convert("L")
             sx, sy = gray.width / sample.source_width, gray.height / sample.source_height
             left, top, cw, ch = sample.crop_box
             box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)

@@ -14,6 +14,7 @@ is listed. Every batch comes from one bucket, so its latents stack.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,8 @@ class CachedDataset(Dataset):
     """Every cached sample of every active dataset in one split ("train" or "holdout").
 
     An item is a dict: latents [C, F, H, W] (float32), prompt_embeds [L, D], prompt_attention_mask [L],
-    mask [1, F, H, W] or None, first_frame_latents or None, sample_key, bucket, dataset, caption_key.
+    mask [1, F, H, W] or None, first_frame_latents or None, crepa_features [F, rows, cols, D] or None,
+    sample_key, bucket, dataset, caption_key.
     """
 
     def __init__(self, ws, spec, split: str = "train", dtype: torch.dtype = torch.float32):
@@ -98,19 +100,38 @@ class CachedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        sample = fmt.read_sample(entry.cache_dir, entry.sample_key)
-        embeds, mask = fmt.read_text_embedding(self.text_cache_dir, sample.caption_key)
+        sample = _set_aside_if_broken(fmt.sample_path(entry.cache_dir, entry.sample_key),
+                                      lambda: fmt.read_sample(entry.cache_dir, entry.sample_key))
+        embeds, mask = _set_aside_if_broken(fmt.text_path(self.text_cache_dir, sample.caption_key),
+                                            lambda: fmt.read_text_embedding(self.text_cache_dir, sample.caption_key))
         return {
             "latents": sample.latents.to(self.dtype),
             "prompt_embeds": embeds,
             "prompt_attention_mask": mask,
             "mask": None if sample.mask is None else sample.mask.to(self.dtype),
             "first_frame_latents": None if sample.first_frame_latents is None else sample.first_frame_latents.to(self.dtype),
+            "crepa_features": None if sample.crepa_features is None else sample.crepa_features.to(self.dtype),
             "sample_key": entry.sample_key,
             "caption_key": sample.caption_key,
             "bucket": sample.bucket,
             "dataset": entry.dataset_id,
         }
+
+
+def _set_aside_if_broken(path: Path, read):
+    """`read()`; if the file is unreadable (cut short, garbage: InputError), rename it to a temporary
+    name first, so the next cache phase finds it missing and recomputes it (it also deletes such
+    leftovers). Without this, a broken file whose header still parses would be skipped again."""
+    try:
+        return read()
+    except InputError:
+        if path.is_file():
+            try:
+                os.replace(path, path.with_name(f".{path.name}.broken.tmp"))
+                log.warning("cache file %s is unreadable; set aside, the next cache phase recomputes it", path)
+            except OSError:
+                pass
+        raise
 
 
 def collate_cached(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -130,12 +151,15 @@ def collate_cached(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "bucket": items[0]["bucket"],
         "mask": None,
         "first_frame_latents": None,
+        "crepa_features": None,
     }
     if any(i["mask"] is not None for i in items):
         ones = torch.ones((1, *items[0]["latents"].shape[1:]), dtype=items[0]["latents"].dtype)
         out["mask"] = torch.stack([ones if i["mask"] is None else i["mask"] for i in items])
     if all(i["first_frame_latents"] is not None for i in items):
         out["first_frame_latents"] = torch.stack([i["first_frame_latents"] for i in items])
+    if all(i.get("crepa_features") is not None for i in items):
+        out["crepa_features"] = torch.stack([i["crepa_features"] for i in items])
     return out
 
 

@@ -30,7 +30,7 @@ from job.workspace import Workspace
 
 from .captions import CaptionSource
 from .decode import DecodeError, Window, decode_window, frames_to_tensor
-from .discovery import QUARANTINE_DIR, discover_videos
+from .discovery import QUARANTINE_DIR, VIDEO_EXTENSIONS, discover_videos
 from .geometry import bucket_key, crop_box, display_size, plan_windows, resampled_frames, target_size
 from .probe import MetadataCache, probe_many
 from .report import DataReport, Problem, Skip, Note, apply_quarantine, report_path
@@ -328,6 +328,12 @@ def _check_sizes(spec: JobSpec, samples: list[Sample], counts: dict[str, dict[st
         buckets = c["buckets"]
         usable = usable_samples(buckets, ds.repeats, tbs)
         if usable >= need:
+            continue
+        if not c["clips_found"] and not c["problems"]:  # nothing to weigh: say what is missing, plainly
+            messages.append(f"no samples detected in dataset {ds.id!r}: its folder ({ds.source}) holds no video file "
+                            f"({', '.join(sorted(VIDEO_EXTENSIONS))}; names starting with '.' are skipped)")
+            fixes.append(f"put the clips in that folder (subfolders count), or point data.datasets[{index[ds.id]}].source "
+                         "at the folder that holds them")
             continue
         per_bucket = ", ".join(f"{k}: {v}" for k, v in buckets.items()) or "none"
         why = (f"no samples detected in dataset {ds.id!r}: {c['train_samples']} training sample(s) (samples per bucket: {per_bucket}; "

@@ -129,6 +129,14 @@ def check_rules(spec: JobSpec) -> list[SpecProblem]:
         problems.extend(_check_location("checkpoints.resume_from_checkpoint", resume, allow_bare_repo=False))
     if train.num_processes > 1 and mem.group_offload.enabled:
         add(SpecProblem("memory.group_offload.enabled", "group offload is single-process", "use train.num_processes: 1, or turn group offload off"))
+    if mem.group_offload.enabled and train.optimizer == "adamw_8bit":
+        add(SpecProblem("train.optimizer", "adamw_8bit (bitsandbytes) cannot step parameters in CPU RAM, where group offload keeps them",
+                        "use adamw_bf16, optimi-adamw or adamw with group offload"))
+    # (int8 with a full fine-tune is already refused above: one problem per cause)
+    if mem.group_offload.enabled and (model.base_model_precision == "fp8" or (model.base_model_precision == "int8" and model.type == "lora")):
+        add(SpecProblem("memory.group_offload.enabled", f"cannot be combined with base_model_precision: {model.base_model_precision} "
+                        "(quantised weights are not offloaded by this build)",
+                        "use base_model_precision: bf16 with group offload, or turn group offload off"))
     return problems
 
 
@@ -147,9 +155,28 @@ def spec_warnings(spec: JobSpec) -> list[SpecProblem]:
     if model.type == "full" and model.base_model_precision == "bf16" and train.optimizer == "adamw":
         warnings.append(SpecProblem("train.optimizer", "plain AdamW on bf16 weights loses small updates to rounding",
                                     "use adamw_bf16 or optimi-adamw, or base_model_precision: fp32"))
+    if spec.memory.group_offload.enabled and not spec.memory.gradient_checkpointing:
+        warnings.append(SpecProblem("memory.group_offload.enabled", "without gradient checkpointing the backward pass keeps every block's "
+                                    "weight copy on the GPU, so training saves little memory", "set memory.gradient_checkpointing: true"))
     if spec.memory.group_offload.to_disk_path and not spec.memory.group_offload.enabled:
         warnings.append(SpecProblem("memory.group_offload.to_disk_path", "is set but group offload is off", "set memory.group_offload.enabled: true"))
     if train.caption_dropout_probability == 0:
         warnings.append(SpecProblem("train.caption_dropout_probability", "0 means the model never sees the empty prompt; guidance may weaken",
                                     "0.1 is the usual value"))
+    crepa_options = train.crepa.model_fields_set - {"enabled"}
+    if crepa_options and not train.crepa.enabled:
+        warnings.append(SpecProblem("train.crepa", f"{', '.join(sorted(crepa_options))} set but CREPA is off", "set train.crepa.enabled: true or remove them"))
+    if train.crepa.enabled and train.crepa.weight == 0:
+        warnings.append(SpecProblem("train.crepa.weight", "0: CREPA costs a forward hook and cached features but adds nothing to the loss",
+                                    "use 0.5 (the usual start), or turn CREPA off"))
+    if train.crepa.enabled and train.crepa.adjacent_distance > 0 and train.crepa.temporal_decay == 0:
+        warnings.append(SpecProblem("train.crepa.temporal_decay", "0 gives neighbouring frames no weight, so adjacent_distance has no effect",
+                                    "use temporal_decay 1.0 for neighbours, or adjacent_distance: 0"))
+    if "max_rollout_steps" in train.scheduled_sampling.model_fields_set and train.scheduled_sampling.probability == 0:
+        warnings.append(SpecProblem("train.scheduled_sampling.max_rollout_steps", "is set but scheduled sampling is off (probability 0)",
+                                    "set train.scheduled_sampling.probability (e.g. 0.1) or remove max_rollout_steps"))
+    unused_masks = [ds.id for ds in spec.data.active() if ds.masks_dir]
+    if unused_masks and not train.masked_loss:
+        warnings.append(SpecProblem("train.masked_loss", f"datasets {', '.join(unused_masks)} have masks_dir, but masked_loss is off: "
+                                    "the masks are cached and ignored", "set train.masked_loss: true, or remove masks_dir"))
     return warnings

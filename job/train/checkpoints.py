@@ -13,16 +13,26 @@ A save writes into `.tmp-step_N`, fsyncs every file, renames it to `step_N`, the
 `COMPLETE`. `latest` is the highest-numbered folder that has the marker, so a kill at any moment
 leaves the previous checkpoint usable. Rotation keeps the newest `total_limit` complete
 checkpoints and removes incomplete leftovers; it never removes the newest complete one.
+
+The marker also lists every file with its size and CRC-32, read back at commit (zlib.crc32 runs
+at about 2.5 GB/s on one core: some 8 s for the ~20 GB of a 2B full fine-tune's checkpoint with
+AdamW states, a fraction of a second for a LoRA), and read again once when resuming. Resuming
+from `latest` checks them (`damage`): a checkpoint whose files were changed or cut short after
+it was written (a bad disk, a copy that stopped half-way) is skipped with a warning naming the
+file, and the job resumes from the previous complete checkpoint (or from the start if there is
+none). Markers of older versions, without the list, are trusted as before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,8 @@ import torch
 
 from job.errors import InputError
 from job.workspace import fsync_dir, atomic_write_text
+
+log = logging.getLogger("trainer.train")
 
 COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
@@ -62,6 +74,45 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(Path(root))
 
 
+def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def file_list(folder: Path) -> dict[str, dict[str, int]]:
+    """relative path -> {"bytes", "crc32"} of every file under `folder` (what COMPLETE records)."""
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)}
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None (as written, or a marker of an older
+    version without the file list). Reads every file once."""
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {COMPLETE} marker is unreadable ({exc})"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        return None
+    for name, expected in files.items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != expected.get("bytes"):
+            return f"{name} is {size} bytes, {expected.get('bytes')} were written"
+        if file_crc32(path) != expected.get("crc32"):
+            return f"{name} does not hold what was written (CRC-32 mismatch)"
+    return None
+
+
 class CheckpointStore:
     def __init__(self, root: Path, total_limit: int | None = None):
         self.root = Path(root)
@@ -76,6 +127,17 @@ class CheckpointStore:
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1][1] if done else None
+
+    def latest_intact(self) -> Path | None:
+        """The newest complete checkpoint whose files are as written (see `damage`); each damaged
+        newer one is skipped with a warning. None when there is none."""
+        for _, path in reversed(self.complete()):
+            problem = damage(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged: %s; it is skipped, the job resumes from the previous complete "
+                        "checkpoint (or from the start if there is none)", path, problem)
+        return None
 
     def incomplete(self) -> list[Path]:
         if not self.root.is_dir():
@@ -104,9 +166,10 @@ class CheckpointStore:
                 (final / COMPLETE).unlink()
                 fsync_dir(final)
             os.replace(final, old)
+        files = file_list(tmp)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        atomic_write_text(final / COMPLETE, json.dumps({"step": step, "time": round(time.time(), 3)}) + "\n")
+        atomic_write_text(final / COMPLETE, json.dumps({"step": step, "time": round(time.time(), 3), "files": files}) + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -130,7 +193,7 @@ class CheckpointStore:
         if value == "none":
             return None
         if value == "latest":
-            return self.latest()
+            return self.latest_intact()
         path = resolve_path(value)
         if not path.is_dir():
             raise InputError(f"checkpoints.resume_from_checkpoint {value!r}: {path} does not exist",
@@ -138,6 +201,10 @@ class CheckpointStore:
         if not is_complete(path):
             raise InputError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while being written",
                              "resume from an earlier checkpoint, or use 'latest' (which skips incomplete ones)")
+        problem = damage(path)
+        if problem is not None:
+            raise InputError(f"checkpoint {path} is damaged: {problem}",
+                             "resume from an earlier checkpoint, or use 'latest' (which skips damaged ones)")
         return path
 
 

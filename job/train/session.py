@@ -25,9 +25,11 @@ from job.errors import InputError, PhaseUnavailable
 from job.models.sanavideo.objective import FlowMatchingObjective
 
 from . import checkpoints as ckpt
+from .crepa import CrepaRegularizer, build_crepa, check_resume_without_crepa
 from .ema import Ema
 from .metrics import MetricsLog, available_trackers
 from .model import load_transformer, load_weights, prepare_transformer, save_weights, weight_dtype
+from .offload import offload_for_training
 from .optimizers import build_optimizer, check_optimizer_available
 from .schedulers import build_scheduler
 
@@ -45,12 +47,6 @@ def unsupported_features(spec) -> list[tuple[str, str]]:
     """Spec features this train phase does not implement: refused at start, never silently ignored."""
     t = spec.train
     out = []
-    if t.crepa.enabled:
-        out.append(("train.crepa.enabled", "set train.crepa.enabled: false"))
-    if t.scheduled_sampling.probability > 0:
-        out.append(("train.scheduled_sampling.probability", "set it to 0"))
-    if spec.memory.group_offload.enabled:
-        out.append(("memory.group_offload.enabled", "turn group offload off for training (use gradient_checkpointing)"))
     if any(ds.video.is_i2v for ds in spec.data.active()):
         out.append(("data.datasets[].video.is_i2v", "train text-to-video (is_i2v: false)"))
     return out
@@ -99,6 +95,7 @@ class TrainSession:
     started: float = field(default_factory=time.monotonic)
     last_save: float = field(default_factory=time.monotonic)
     last_checkpoint: Path | None = None
+    crepa: CrepaRegularizer | None = None  # the CREPA projector and hook (train.crepa.enabled)
 
     @property
     def world(self) -> int:
@@ -132,6 +129,8 @@ class TrainSession:
             save_weights(tmp, self.model, self.spec)
             ckpt.save_pt(self.optimizer.state_dict(), tmp / "optimizer.pt")
             ckpt.save_pt(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.crepa is not None:
+                self.crepa.save(tmp)
             if self.ema is not None:
                 ckpt.save_pt(self.ema.state_dict(), tmp / "ema.pt")
             state = dict(step=step, epoch=self.epoch, position=self.position, bad_in_row=self.bad_in_row,
@@ -163,6 +162,10 @@ class TrainSession:
         if state.get("world_size") != self.world:
             log.warning("checkpoint %s was written by %s processes, this run has %s: the data order and noise will not "
                         "continue exactly", folder.name, state.get("world_size"), self.world)
+        if self.crepa is not None:  # before the optimizer: its state holds the projector's parameters
+            self.crepa.restore(folder)
+        else:
+            check_resume_without_crepa(folder)
         self.optimizer.load_state_dict(ckpt.load_pt(folder / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_pt(folder / "scheduler.pt"))
         if self.ema is not None:
@@ -255,9 +258,14 @@ def build_session(spec, ws) -> TrainSession:
     params = prepare_transformer(transformer, spec)
     if resume_from is not None:
         load_weights(resume_from, transformer, spec)
-    optimizer = build_optimizer(params, t, seed=t.seed)
+    offloaded = offload_for_training(transformer, spec, accelerator.device, ws.resolve) is not None
+    crepa = build_crepa(spec, transformer, dataset, accelerator.device)
+    optimizer = build_optimizer(params + (crepa.parameters() if crepa else []), t, seed=t.seed)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    prepared, optimizer = accelerator.prepare(transformer, optimizer)
+    # group offload placed the weights itself (blocks in CPU RAM): accelerate must not move them
+    prepared, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not offloaded] * 2)
+    if crepa is not None:
+        crepa.forward_projector = accelerator.prepare(crepa.projector)
     ema = Ema(params, t.ema, accelerator.device) if t.use_ema else None
     generator = torch.Generator("cpu").manual_seed(t.seed)
 
@@ -270,7 +278,7 @@ def build_session(spec, ws) -> TrainSession:
         spec=spec, ws=ws, accelerator=accelerator, transformer=prepared, model=accelerator.unwrap_model(prepared),
         params=params, optimizer=optimizer, scheduler=scheduler, ema=ema, objective=FlowMatchingObjective(t.timesteps),
         dataset=dataset, sampler=sampler, loader=loader, generator=generator, empty_prompt=empty_prompt, store=store,
-        metrics=None, total_steps=total_steps, weight_dtype=dtype, spec_hash=training_hash(spec),
+        metrics=None, total_steps=total_steps, weight_dtype=dtype, spec_hash=training_hash(spec), crepa=crepa,
     )
     if resume_from is not None:
         session.resume(resume_from)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from job.errors import EnvironmentProblem, InputError, PhaseUnavailable
+from job.errors import EnvironmentProblem, InputError
 from job.models.sanavideo.objective import FlowMatchingObjective
 from job.train import TrainHooks, run_train
 from job.train.step import TrainingDiverged, caption_dropout
@@ -240,15 +240,12 @@ def test_unavailable_tracker_and_failing_tracker_do_not_stop_training(tmp_path, 
     assert m.trackers == [] and "turned off" in caplog.text
 
 
-def test_unimplemented_features_are_refused_clearly(tmp_path, tiny_model):
-    spec, ws = make_job(tmp_path, tiny_model, train={"max_train_steps": 2, "crepa": {"enabled": True}})
-    with pytest.raises(PhaseUnavailable, match="crepa"):
+def test_crepa_without_cached_features_is_refused_clearly(tmp_path, tiny_model):
+    # CREPA trains from features the cache phase stores (tests/train/test_crepa.py); these caches have none
+    spec, ws = make_job(tmp_path, tiny_model, train={"max_train_steps": 2, "crepa": {"enabled": True, "block_index": 0}})
+    with pytest.raises(InputError, match="no CREPA features"):
         run_train(spec, ws)
-    spec, ws = make_job(tmp_path / "b", tiny_model,
-                        model={"pretrained_model_name_or_path": str(tiny_model), "base_model_precision": "fp8",
-                               "prompt": {"max_sequence_length": 8}})
-    with pytest.raises(PhaseUnavailable, match="fp8"):
-        run_train(spec, ws)
+    # fp8 / int8 bases train now: tests/train/test_quantize.py
 
 
 def test_no_cached_samples_is_a_clear_error(tmp_path, tiny_model):
