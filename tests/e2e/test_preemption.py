@@ -97,8 +97,11 @@ def reference(material, tmp_path_factory) -> dict[str, torch.Tensor]:
 def _assert_same_weights(workspace: Path, reference: dict[str, torch.Tensor]) -> None:
     got = load_file(workspace / WEIGHTS)
     assert got.keys() == reference.keys()
+    # Same steps, same data order, same noise: equal up to CPU float summation order (the fresh
+    # machine re-encodes the cache; a re-encoded latent can differ in the last bit, ~1e-7).
     for name, tensor in reference.items():
-        assert torch.equal(got[name], tensor), name
+        diff = (got[name].float() - tensor.float()).abs().max().item()
+        assert diff <= 1e-5, f"{name}: max difference {diff}"
 
 
 def _remote_complete_steps(s3, bucket: str) -> list[int]:
