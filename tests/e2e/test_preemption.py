@@ -97,11 +97,13 @@ def reference(material, tmp_path_factory) -> dict[str, torch.Tensor]:
 def _assert_same_weights(workspace: Path, reference: dict[str, torch.Tensor]) -> None:
     got = load_file(workspace / WEIGHTS)
     assert got.keys() == reference.keys()
-    # Same steps, same data order, same noise: equal up to CPU float summation order (the fresh
-    # machine re-encodes the cache; a re-encoded latent can differ in the last bit, ~1e-7).
+    # Same steps, same data order, same noise: equal up to CPU float summation order. The fresh
+    # machine re-encodes the cache (a latent can differ in the last bit, ~1e-7), and Adam's
+    # normalised update amplifies that on near-zero gradients (seen: 7e-5 after 12 steps). A skipped
+    # or repeated step moves weights by about the learning rate (1e-3), which this still catches.
     for name, tensor in reference.items():
         diff = (got[name].float() - tensor.float()).abs().max().item()
-        assert diff <= 1e-5, f"{name}: max difference {diff}"
+        assert diff <= 3e-4, f"{name}: max difference {diff}"
 
 
 def _remote_complete_steps(s3, bucket: str) -> list[int]:
