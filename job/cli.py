@@ -73,6 +73,7 @@ def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool, **option
     loaded, ws = _open_job(spec_path, verbose)
     webhooks = Webhooks(loaded.spec.webhooks, job_name=loaded.spec.name)
     options.setdefault("train", {})["webhooks"] = webhooks
+    stop_forwarding = webhooks.follow_event_log()  # upload events, some from a background thread
 
     def announce(name: str, **fields) -> None:
         event(name, **fields)
@@ -95,6 +96,7 @@ def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool, **option
         webhooks.send("job_failed", {"error": str(exc), "exit_code": exc.exit_code})
         raise
     finally:
+        stop_forwarding()
         webhooks.close()
 
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -27,6 +28,7 @@ log = logging.getLogger("trainer")
 _json_lock = threading.Lock()
 _json_path: Path | None = None
 _secret_values: set[str] = set()
+_listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
 
 def register_secrets(values: list[str]) -> None:
@@ -89,8 +91,25 @@ def attach_json_log(path: Path) -> None:
 
 
 def event(name: str, **fields: Any) -> None:
-    """A structured event (phase started, checkpoint saved, ...) for the JSON log."""
+    """A structured event (phase started, checkpoint saved, ...) for the JSON log and its listeners."""
     _write_json({"event": name, **fields})
+    for listener in list(_listeners):
+        try:
+            listener(name, fields)
+        except Exception as exc:  # reporting never breaks the job
+            log.debug("event listener failed on %s: %s", name, exc)
+
+
+def subscribe(listener: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
+    """Call `listener(name, fields)` on every later `event()`, from whichever thread emits it
+    (background uploads too). Returns the function that unsubscribes it."""
+    _listeners.append(listener)
+
+    def unsubscribe() -> None:
+        if listener in _listeners:
+            _listeners.remove(listener)
+
+    return unsubscribe
 
 
 def is_interactive() -> bool:

@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -44,7 +44,11 @@ from job.spec.validation import WEBHOOK_EVENTS
 
 log = logging.getLogger("trainer.report")
 
-EVENTS = WEBHOOK_EVENTS  # job_started, phase_changed, validation_ready, checkpoint_saved, job_finished, job_failed, preview
+EVENTS = WEBHOOK_EVENTS  # job_started, phase_changed, validation_ready, checkpoint_saved, job_finished, job_failed, preview, + upload events
+
+#: Events the webhooks pick up from the event log (`job.report.event`) rather than from an explicit
+#: `send`: they are emitted deep inside the upload code, some on its background thread.
+FROM_EVENT_LOG = frozenset({"checkpoint_uploaded", "upload_failed", "uploaded"})
 
 DISCORD_CONTENT_LIMIT = 2000  # characters in a Discord message
 USER_AGENT = "trainer-webhooks/1"  # Discord refuses requests without a User-Agent
@@ -135,6 +139,17 @@ class Webhooks:
         except Exception as exc:  # noqa: BLE001 - a webhook must never break the job
             log.warning("could not queue a %s webhook event: %s", event_name, scrub(str(exc)))
             return False
+
+    def follow_event_log(self) -> Callable[[], None]:
+        """Forward the `FROM_EVENT_LOG` events of `job.report.event` (any thread) to the webhooks
+        that take them. Returns the function that stops forwarding (call it before `close`)."""
+        from job.report import subscribe
+
+        def forward(name: str, fields: dict) -> None:
+            if name in FROM_EVENT_LOG:
+                self.send(name, fields)
+
+        return subscribe(forward)
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (waiting at most `timeout` seconds), then stop the thread."""

@@ -122,3 +122,36 @@ def test_final_model_not_uploaded_is_exit_4_naming_the_files(tmp_path, s3_bucket
     # Once the store is back, `trainer upload` sends it.
     s3_proxy.set_up(True)
     upload_phase(loaded, ws)
+
+
+def test_upload_events_reach_the_webhooks(tmp_path, s3_bucket, s3_proxy, fast_push):
+    """`uploaded` and `upload_failed` come from inside the upload code (the event log) and reach a
+    webhook that takes them; a webhook that does not take them gets nothing."""
+    from job.report.webhooks import Webhooks
+    from job.spec.validation import WebhookSpec
+    from tests.validate.conftest import Receiver
+
+    receiver = Receiver()
+    hooks = Webhooks([WebhookSpec(url=receiver.url("/uploads")),
+                      WebhookSpec(url=receiver.url("/started-only"), events=["job_started"])], job_name="t")
+    stop_forwarding = hooks.follow_event_log()
+    try:
+        loaded, ws = load(smoke_spec_data(tmp_path / "ws", f"s3://{s3_bucket}/run", s3_proxy.url))
+        finished_job(ws)
+        s3_proxy.set_up(False)
+        with pytest.raises(StorageError):
+            upload_phase(loaded, ws)
+        s3_proxy.set_up(True)
+        upload_phase(loaded, ws)
+        stop_forwarding()
+        hooks.close()
+        bodies = [(r["path"], json.loads(r["body"])) for r in receiver.requests]
+        assert {path for path, _ in bodies} == {"/uploads"}, bodies
+        events = [body["event"] for _, body in bodies]
+        assert "upload_failed" in events and events[-1] == "uploaded", events
+        done = bodies[-1][1]
+        assert done["final_model"] and done["target"] == f"s3://{s3_bucket}/run", done
+    finally:
+        stop_forwarding()
+        hooks.close()
+        receiver.close()
