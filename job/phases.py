@@ -136,8 +136,7 @@ def _eval_loss_hook(spec, ws: Workspace) -> Callable:
     from job.validate.eval_loss import EvalLoss
 
     holdout = CachedDataset(ws, spec, split="holdout")
-    items = [(item["latents"], item["prompt_embeds"], item["prompt_attention_mask"]) for item in
-             (holdout[i] for i in range(min(len(holdout), spec.validation.eval_loss.max_samples)))]
+    items = [holdout[i] for i in range(min(len(holdout), spec.validation.eval_loss.max_samples))]
     evaluator = EvalLoss(spec, items)
 
     def on_step_end(info) -> None:

@@ -135,7 +135,8 @@ def _set_aside_if_broken(path: Path, read):
 
 
 def collate_cached(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items of one bucket. Missing masks among masked items become all-ones masks."""
+    """Stack items of one bucket. Missing masks among masked items become all-ones masks; with any
+    i2v item, `first_frame_latents` is stacked (zeros for text-to-video items) with `i2v` [B] saying which."""
     if not items:
         raise ValueError("empty batch")
     buckets = {item["bucket"] for item in items}
@@ -156,8 +157,11 @@ def collate_cached(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if any(i["mask"] is not None for i in items):
         ones = torch.ones((1, *items[0]["latents"].shape[1:]), dtype=items[0]["latents"].dtype)
         out["mask"] = torch.stack([ones if i["mask"] is None else i["mask"] for i in items])
-    if all(i["first_frame_latents"] is not None for i in items):
-        out["first_frame_latents"] = torch.stack([i["first_frame_latents"] for i in items])
+    if any(i["first_frame_latents"] is not None for i in items):  # i2v samples (a bucket may mix them with t2v)
+        like = next(i["first_frame_latents"] for i in items if i["first_frame_latents"] is not None)
+        out["first_frame_latents"] = torch.stack([torch.zeros_like(like) if i["first_frame_latents"] is None
+                                                  else i["first_frame_latents"] for i in items])
+        out["i2v"] = torch.tensor([i["first_frame_latents"] is not None for i in items])
     if all(i.get("crepa_features") is not None for i in items):
         out["crepa_features"] = torch.stack([i["crepa_features"] for i in items])
     return out

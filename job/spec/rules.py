@@ -87,6 +87,9 @@ def check_rules(spec: JobSpec) -> list[SpecProblem]:
         problems.extend(_check_location(f"{base}.source", ds.source, allow_bare_repo=False))
         if vid.is_i2v and vid.num_frames < 5:
             add(SpecProblem(f"{base}.video.num_frames", "image-to-video needs frames after the conditioning frame", "use num_frames >= 5"))
+        if vid.is_i2v and spec.train.scheduled_sampling.probability > 0:
+            add(SpecProblem(f"{base}.video.is_i2v", "scheduled sampling rolls out text-to-video steps, without the first-frame condition",
+                            "set train.scheduled_sampling.probability: 0 for image-to-video training"))
     caches = [(f"data.datasets[{i}].cache_dir_vae", ds.cache_dir_vae) for i, ds in enumerate(spec.data.datasets) if ds.cache_dir_vae]
     seen: dict[str, str] = {}
     for path, cache_dir in caches:

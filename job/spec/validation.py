@@ -52,6 +52,11 @@ class ValidationSpec(Section):
         None,
         description="Extra prompts as `{nickname: prompt}` inline, or the path of a JSON file with that mapping. Nicknames become file names.",
     )
+    image: str | None = Field(
+        None,
+        description="Condition image (PNG/JPEG path; relative to the workspace) for image-to-video validation renders, "
+                    "used when a dataset trains `video.is_i2v`. Default: the first frame of the first cached i2v training clip.",
+    )
     preview: PreviewSpec = Field(default_factory=PreviewSpec, description="Live previews to webhooks.")
     eval_loss: EvalLossSpec = Field(default_factory=EvalLossSpec, description="Stable evaluation loss.")
 
@@ -81,7 +86,12 @@ class ValidationSpec(Section):
         return [parse_wxh(value) for value in self.resolutions]
 
 
-WEBHOOK_EVENTS = ("job_started", "phase_changed", "validation_ready", "checkpoint_saved", "job_finished", "job_failed", "preview")
+#: Events a webhook can receive. The upload events come from the event log (`Webhooks.follow_event_log`):
+#: `checkpoint_uploaded` (a training checkpoint is complete in the store), `upload_failed` (an upload
+#: gave up for now; the job carries on or exits 4 as the upload phase says), `uploaded` (the upload
+#: phase finished: what was sent, and whether the final model is there).
+WEBHOOK_EVENTS = ("job_started", "phase_changed", "validation_ready", "checkpoint_saved", "job_finished", "job_failed", "preview",
+                  "checkpoint_uploaded", "upload_failed", "uploaded")
 
 
 class WebhookSpec(Section):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 import job
 from job.cache import format as fmt
 from job.cache.reader import BucketBatchSampler, CachedDataset, collate_cached, require_samples
-from job.errors import InputError, PhaseUnavailable
+from job.errors import InputError
 from job.models.sanavideo.objective import FlowMatchingObjective
 
 from . import checkpoints as ckpt
@@ -41,15 +41,6 @@ def training_hash(spec) -> str:
     data = spec.model_dump(mode="json", include={"model", "train", "data"})
     data["train"].pop("max_train_hours", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def unsupported_features(spec) -> list[tuple[str, str]]:
-    """Spec features this train phase does not implement: refused at start, never silently ignored."""
-    t = spec.train
-    out = []
-    if any(ds.video.is_i2v for ds in spec.data.active()):
-        out.append(("data.datasets[].video.is_i2v", "train text-to-video (is_i2v: false)"))
-    return out
 
 
 def total_steps_for(train_spec, batches_per_epoch: int) -> int:
@@ -231,10 +222,6 @@ def _load_empty_prompt(spec, ws, dataset: CachedDataset) -> tuple[torch.Tensor, 
 def build_session(spec, ws) -> TrainSession:
     from accelerate.utils import set_seed
 
-    problems = unsupported_features(spec)
-    if problems:
-        names = ", ".join(p for p, _ in problems)
-        raise PhaseUnavailable(f"not implemented by this build's train phase: {names}", "; ".join(f for _, f in problems))
     t = spec.train
     check_optimizer_available(t.optimizer)
     dtype = weight_dtype(spec)

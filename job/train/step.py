@@ -53,14 +53,19 @@ def compute_loss(s, batch: dict) -> torch.Tensor:
     inputs = s.objective.training_inputs(x0, s.generator, world_size=s.world, rank=s.rank)
     if s.spec.train.scheduled_sampling.probability > 0:
         inputs = rollout_inputs(s, x0, inputs, embeds, text_mask)
+    if batch.get("first_frame_latents") is not None:  # i2v samples: frame 0 is the clean condition
+        inputs = s.objective.condition_on_first_frame(inputs, batch["first_frame_latents"].to(device), batch["i2v"],
+                                                      s.model.config.patch_size)
     crepa = getattr(s, "crepa", None)
     with crepa.capture() if crepa is not None else contextlib.nullcontext():
         pred = s.transformer(
             inputs.noisy.to(s.weight_dtype), encoder_hidden_states=embeds, encoder_attention_mask=text_mask,
             timestep=inputs.timesteps, return_dict=False,
         )[0]
-    loss_mask = batch["mask"] if s.spec.train.masked_loss else None
-    loss = s.objective.loss(pred, inputs.target, inputs.sigmas, None if loss_mask is None else loss_mask.to(device))
+    loss_mask = batch["mask"].to(device) if s.spec.train.masked_loss and batch["mask"] is not None else None
+    if inputs.loss_mask is not None:
+        loss_mask = inputs.loss_mask if loss_mask is None else loss_mask * inputs.loss_mask
+    loss = s.objective.loss(pred, inputs.target, inputs.sigmas, loss_mask)
     if crepa is not None:
         loss = loss + crepa.loss(batch.get("crepa_features"), x0.shape)
     return loss

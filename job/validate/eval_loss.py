@@ -50,18 +50,23 @@ def _eval_spec(spec):
     return getattr(spec, "eval_loss", spec)
 
 
-def _item(item: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _item(item: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(latents, prompt_embeds, prompt mask, i2v first-frame latents or None), each batched [1, ...]."""
     if isinstance(item, Mapping):
         latents, embeds, mask = item["latents"], item["prompt_embeds"], item["prompt_attention_mask"]
+        first = item.get("first_frame_latents")
     else:
         latents, embeds, mask = item[:3]
+        first = item[3] if len(item) > 3 else None
     if latents.ndim == 4:
         latents = latents[None]
     if embeds.ndim == 2:
         embeds = embeds[None]
     if mask.ndim == 1:
         mask = mask[None]
-    return latents, embeds, mask
+    if first is not None and first.ndim == 4:
+        first = first[None]
+    return latents, embeds, mask, first
 
 
 def _execution_device(module: torch.nn.Module) -> torch.device:
@@ -115,7 +120,7 @@ class EvalLoss:
         sums = {s: 0.0 for s in self.sigmas}
         per_item: list[float] = []
         try:
-            for index, (latents, embeds, mask) in enumerate(self.items):
+            for index, (latents, embeds, mask, first) in enumerate(self.items):
                 x0 = latents.to(device, torch.float32)
                 noise = self.noise(index, x0).to(device)
                 embeds_d, mask_d = embeds.to(device, dtype), mask.to(device)
@@ -123,11 +128,19 @@ class EvalLoss:
                 for sigma in self.sigmas:
                     sig = torch.full((x0.shape[0],), sigma, dtype=torch.float32)
                     inputs = self.objective.make_inputs(x0, sig, noise)
+                    if first is not None:  # i2v: as in training, frame 0 is the clean condition and not scored
+                        inputs = self.objective.condition_on_first_frame(
+                            inputs, first.to(device), torch.ones(x0.shape[0], dtype=torch.bool), model.config.patch_size)
                     pred = model(inputs.noisy.to(dtype), encoder_hidden_states=embeds_d, encoder_attention_mask=mask_d,
                                  timestep=inputs.timesteps.to(device), return_dict=False)[0]
                     if pred.shape[1] == 2 * inputs.target.shape[1]:  # learned-sigma head
                         pred = pred.chunk(2, dim=1)[0]
-                    loss = float(((pred.float() - inputs.target) ** 2).mean())
+                    err = (pred.float() - inputs.target) ** 2
+                    if inputs.loss_mask is None:
+                        loss = float(err.mean())
+                    else:
+                        weight = inputs.loss_mask.expand_as(err)
+                        loss = float((err * weight).sum() / weight.sum())
                     sums[sigma] += loss
                     item_losses.append(loss)
                 per_item.append(sum(item_losses) / len(item_losses))

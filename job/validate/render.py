@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from job.errors import InputError
 from job.report import event
 from job.workspace import atomic_write_bytes
 
@@ -288,7 +289,9 @@ def run_validation(
     step_dir = ws.validation_dir / step_dir_name(step)
     step_dir.mkdir(parents=True, exist_ok=True)
     result = ValidationResult(step=int(step), folder=step_dir, weights=weights)
-    pipe = pipeline if pipeline is not None else build_pipeline(components, speed=spec.speed)
+    condition = i2v_condition_image(spec, ws, components.vae) if trains_i2v(spec) else None
+    pipe = pipeline if pipeline is not None else build_pipeline(components, speed=spec.speed,
+                                                                 image_to_video=condition is not None)
     transformer = pipe.transformer
     offload = bool(spec.memory.enable_model_cpu_offload)
     want_previews = bool(v.preview.enabled and webhooks is not None and webhooks.wants("preview"))
@@ -316,7 +319,8 @@ def run_validation(
                         preview = PreviewSender(projection, webhooks, v.preview.steps, v.num_inference_steps,
                                                 {"step": int(step), "nickname": nick, "weights": which,
                                                  "resolution": f"{width}x{height}"})
-                    frames = _render_one(render, pipe, placement, positives[nick], negative, width, height, v, preview)
+                    frames = _render_one(render, pipe, placement, positives[nick], negative, width, height, v, preview,
+                                         condition)
                     if preview is not None:
                         result.previews_sent += preview.sent
                     if mode == "comparison" and which == "training":
@@ -366,8 +370,44 @@ def run_validation(
     return result
 
 
+def trains_i2v(spec) -> bool:
+    return any(ds.video.is_i2v for ds in spec.data.active())
+
+
+def i2v_condition_image(spec, ws, vae):
+    """The image-to-video validation condition (a PIL RGB image): `validation.image`, or else the
+    first frame of the first cached i2v training clip, decoded from its cached first-frame latent
+    (the VAE is already loaded for validation; the clip's source may be gone by now)."""
+    from PIL import Image
+
+    if spec.validation.image:
+        path = ws.resolve(spec.validation.image)
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"validation.image {path} cannot be read as an image ({exc})",
+                             "point validation.image at a PNG or JPEG file, or remove it to use the first training clip's first frame") from None
+    from job.cache.reader import CachedDataset
+    from job.models.sanavideo.latents import decode_latents
+
+    dataset = CachedDataset(ws, spec, split="train")
+    i2v_ids = {ds.id for ds in spec.data.active() if ds.video.is_i2v}
+    for index, entry in enumerate(dataset.entries):
+        if entry.dataset_id in i2v_ids:
+            first = dataset[index]["first_frame_latents"]
+            if first is not None:
+                param = next(vae.parameters())
+                with torch.no_grad():
+                    pixels = decode_latents(vae, first[None].to(param.device, param.dtype))  # [1, 3, 1, H, W] in [-1, 1]
+                frame = ((pixels[0, :, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                return Image.fromarray(frame.permute(1, 2, 0).cpu().numpy())
+    raise InputError("image-to-video validation needs a condition image, and no cached i2v clip has a first-frame latent",
+                     "run the cache phase (`trainer cache SPEC`), or set validation.image")
+
+
 def _render_one(render, pipe, placement: _Placement, positive, negative, width: int, height: int, v,
-                preview) -> np.ndarray:
+                preview, condition=None) -> np.ndarray:
     """One video as uint8 [F, H, W, 3]; moves the VAE in for the decode when it is offloaded."""
     steps = int(v.num_inference_steps)
 
@@ -383,7 +423,7 @@ def _render_one(render, pipe, placement: _Placement, positive, negative, width: 
         frames = render(
             pipe, positive[0], positive[1], negative[0], negative[1], width=width, height=height,
             num_frames=v.num_video_frames, guidance=v.guidance, steps=steps, seed=v.seed,
-            callback_on_step_end=on_step_end,
+            callback_on_step_end=on_step_end, image=condition,
         )
     finally:
         placement.for_denoising()  # offloaded VAE back to CPU RAM between videos

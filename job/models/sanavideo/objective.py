@@ -33,8 +33,9 @@ class FlowInputs:
     noisy: torch.Tensor  # x_t, float32 [B, C, F, H, W]
     target: torch.Tensor  # noise - x0, float32
     sigmas: torch.Tensor  # float32 [B]
-    timesteps: torch.Tensor  # sigma * 1000, float32 [B]
+    timesteps: torch.Tensor  # sigma * 1000, float32 [B] (per token [B, 1, F', H', W'] once i2v-conditioned)
     noise: torch.Tensor
+    loss_mask: torch.Tensor | None = None  # [B, 1, F, H, W]: latents the loss counts (i2v: not the condition frame)
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -94,6 +95,32 @@ class FlowMatchingObjective:
             for seed in seeds
         ])
         return self.make_inputs(x0, sigmas, noise)
+
+    @staticmethod
+    def condition_on_first_frame(inputs: FlowInputs, first_frame: torch.Tensor, is_i2v: torch.Tensor,
+                                 patch_size: tuple[int, int, int]) -> FlowInputs:
+        """Image-to-video conditioning, as `SanaImageToVideoPipeline` feeds the transformer.
+
+        For the i2v samples (`is_i2v` [B] bool): latent frame 0 of x_t is the clean latent of the
+        clip's first frame (`first_frame` [B, C, 1, H, W], the VAE's mode of that frame encoded
+        alone, normalised), and the timestep is given per token: 0 on frame 0's tokens (clean),
+        sigma * 1000 elsewhere, shape [B, 1, F/pt, H/ph, W/pw] (the pipeline's `conditioning_mask`
+        layout). The pipeline never uses the prediction for frame 0, so the loss leaves it out.
+        Text-to-video samples of the same batch get the same per-token timestep everywhere, which
+        the transformer embeds exactly like the scalar one."""
+        b, _, f, h, w = inputs.noisy.shape
+        pt, ph, pw = patch_size
+        rows = is_i2v.to(device=inputs.noisy.device, dtype=torch.bool).view(b, 1, 1, 1, 1)
+        noisy = inputs.noisy.clone()
+        noisy[:, :, :1] = torch.where(rows, first_frame.to(noisy), noisy[:, :, :1])
+        timesteps = inputs.timesteps.to(noisy.device).view(b, 1, 1, 1, 1).expand(b, 1, f // pt, h // ph, w // pw).clone()
+        timesteps[:, :, :1] = torch.where(rows, torch.zeros_like(timesteps[:, :, :1]), timesteps[:, :, :1])
+        keep = torch.ones((b, 1, f, h, w), dtype=torch.float32, device=noisy.device)
+        keep[:, :, :1] = torch.where(rows, torch.zeros_like(keep[:, :, :1]), keep[:, :, :1])
+        if inputs.loss_mask is not None:
+            keep = keep * inputs.loss_mask
+        return FlowInputs(noisy=noisy, target=inputs.target, sigmas=inputs.sigmas, timesteps=timesteps,
+                          noise=inputs.noise, loss_mask=keep)
 
     def loss_per_sample(self, pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,22 +18,24 @@ import torch
 from .geometry import PIPELINE_SPATIAL_MULTIPLE
 
 
-def build_pipeline(components: Any, scheduler: Any = None, speed: Any = None):
-    """A `SanaVideoPipeline` sharing `components`' modules (a `SanaVideoComponents` or any object
-    with transformer / vae / text_encoder / tokenizer / scheduler attributes).
+def build_pipeline(components: Any, scheduler: Any = None, speed: Any = None, image_to_video: bool = False):
+    """A `SanaVideoPipeline` (or, with `image_to_video`, diffusers' `SanaImageToVideoPipeline`, whose
+    first latent frame is a condition image) sharing `components`' modules (a `SanaVideoComponents`
+    or any object with transformer / vae / text_encoder / tokenizer / scheduler attributes).
 
     `scheduler` defaults to `components.scheduler`; the pipeline gets its own instance built from
     that config, so rendering never changes the state of a scheduler the caller holds.
     `speed` (the spec's `SpeedSpec`) applies its speed-ups to the transformer (see `speed.py`).
     """
-    from diffusers import SanaVideoPipeline
+    from diffusers import SanaImageToVideoPipeline, SanaVideoPipeline
 
     scheduler = scheduler if scheduler is not None else getattr(components, "scheduler", None)
     if scheduler is None:
         raise ValueError("build_pipeline needs a scheduler (load it with the transformer, or pass one)")
     if components.transformer is None or components.vae is None:
         raise ValueError("build_pipeline needs the transformer and the VAE")
-    pipe = SanaVideoPipeline(
+    pipeline_class = SanaImageToVideoPipeline if image_to_video else SanaVideoPipeline
+    pipe = pipeline_class(
         tokenizer=getattr(components, "tokenizer", None),
         text_encoder=getattr(components, "text_encoder", None),
         vae=_unwrap(components.vae),
@@ -97,6 +99,7 @@ def render(
     *,
     callback_on_step_end_tensor_inputs: list[str] | None = None,
     use_resolution_binning: bool = False,
+    image: Any = None,
 ) -> np.ndarray:
     """Render videos from pre-computed embeddings; returns float32 frames [B, F, H, W, 3] in [0, 1].
 
@@ -107,6 +110,7 @@ def render(
     and the caller's RNG streams are not advanced. `use_resolution_binning=False` renders at
     exactly width x height (the pipeline's default, True, snaps to its 480p aspect-ratio bins
     and resizes back). Width and height must be multiples of 32 (the pipeline's rule).
+    `image` (a PIL image; image-to-video pipelines only) is the condition of the first frame.
     """
     if width % PIPELINE_SPATIAL_MULTIPLE or height % PIPELINE_SPATIAL_MULTIPLE:
         raise ValueError(
@@ -128,6 +132,8 @@ def render(
             raise ValueError("guidance > 1 needs negative prompt embeddings and their attention mask")
         kwargs["negative_prompt_embeds"] = _match_batch(negative_prompt_embeds, batch).to(device)
         kwargs["negative_prompt_attention_mask"] = _match_batch(negative_attention_mask, batch).to(device)
+    if image is not None:
+        kwargs["image"] = image
     if callback_on_step_end is not None:
         kwargs["callback_on_step_end"] = callback_on_step_end
         kwargs["callback_on_step_end_tensor_inputs"] = callback_on_step_end_tensor_inputs or ["latents"]
