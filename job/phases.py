@@ -110,12 +110,19 @@ def _validation_hook(spec, ws: Workspace, webhooks) -> Callable:
         if "parts" not in state:
             from diffusers import DPMSolverMultistepScheduler
 
-            from job.models.sanavideo.loading import load_components
+            from job.models.sanavideo.loading import drop_vae_encoder, load_components
+            from job.validate.render import trains_i2v
 
             model_dir = ws.model_dir(spec.model.pretrained_model_name_or_path)
             vae = spec.model.pretrained_vae_model_name_or_path
             loaded = load_components(model_dir, vae_path=ws.model_dir(vae) if vae else None, parts={"vae"})
             loaded.scheduler = DPMSolverMultistepScheduler.from_pretrained(model_dir, subfolder="scheduler")
+            if spec.memory.drop_vae_encoder:
+                if trains_i2v(spec):  # the image-to-video pipeline encodes its condition image
+                    log.info("memory.drop_vae_encoder: keeping the VAE encoder, image-to-video validation needs it")
+                else:
+                    freed = drop_vae_encoder(loaded.vae)
+                    log.info("memory.drop_vae_encoder: VAE encoder freed (%.1fM parameters)", freed / 1e6)
             state["parts"] = loaded
         return state["parts"]
 

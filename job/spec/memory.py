@@ -27,4 +27,4 @@ class MemorySpec(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass instead of storing them. Needed for 81-frame 480p full fine-tunes on 80 GB GPUs.")
     group_offload: GroupOffloadSpec = Field(default_factory=GroupOffloadSpec, description="Grouped offloading of the transformer.")
     enable_model_cpu_offload: bool = Field(False, description="Keep the frozen parts (text encoder, VAE) in CPU RAM and move each to the GPU only when used. Cannot be combined with group offload.")
-    drop_vae_encoder: bool = Field(False, description="Do not load the VAE encoder for training (saves VRAM). Allowed only when training purely from cached latents; validation still decodes with the VAE decoder.")
+    drop_vae_encoder: bool = Field(False, description="Free the VAE encoder once the VAE is loaded for validation renders (training reads cached latents; validation only decodes), saving its weights' memory. Kept when a dataset trains image-to-video: that validation encodes its condition image.")

@@ -113,3 +113,19 @@ def test_bad_video_shapes(tiny_pipeline):
         encode_videos(tiny_pipeline.vae, _video(frames=8), sample=False)
     with pytest.raises(ValueError, match="B, 3, F, H, W"):
         encode_videos(tiny_pipeline.vae, torch.zeros(1, 9, 3, 32, 32), sample=False)
+
+
+def test_dropping_the_vae_encoder_keeps_decoding_and_refuses_to_encode(tiny_model_path):
+    from diffusers import AutoencoderKLWan
+
+    from job.models.sanavideo.loading import drop_vae_encoder
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_model_path, subfolder="vae")
+    latents = encode_videos(vae, _video(frames=5, height=32, width=32), sample=False)
+    before = decode_latents(vae, latents)
+    total = sum(p.numel() for p in vae.parameters())
+    freed = drop_vae_encoder(vae)
+    assert 0 < freed < total and sum(p.numel() for p in vae.parameters()) == total - freed
+    torch.testing.assert_close(decode_latents(vae, latents), before)
+    with pytest.raises(Exception):
+        encode_videos(vae, _video(frames=5, height=32, width=32), sample=False)

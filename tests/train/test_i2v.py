@@ -175,14 +175,15 @@ def test_eval_loss_scores_i2v_clips_without_their_condition_frame(tiny_model):
     assert np.isfinite(i2v) and i2v != pytest.approx(t2v)
 
 
-def test_validation_renders_image_to_video_from_the_first_cached_frame(tmp_path, tiny_model, monkeypatch):
+def test_validation_renders_image_to_video_from_the_first_cached_frame(tmp_path, tiny_model, monkeypatch, caplog):
     import job.models.sanavideo.validation as validation
     from PIL import Image
 
     write_clips(tmp_path / "ws" / "clips")
     render_with = {"enabled": True, "step_interval": 2, "resolutions": ["64x64"], "num_video_frames": 5,
                    "num_inference_steps": 2, "guidance": 1.0}
-    job_spec = loaded(tmp_path / "ws", tiny_model, dataset=I2V, validation=render_with)
+    job_spec = loaded(tmp_path / "ws", tiny_model, dataset=I2V, validation=render_with,
+                      memory={"gradient_checkpointing": False, "drop_vae_encoder": True})
     spec, ws = job_spec.spec, Workspace.for_spec(job_spec.spec)
     cache(spec, ws)
     calls = []
@@ -200,6 +201,7 @@ def test_validation_renders_image_to_video_from_the_first_cached_frame(tmp_path,
     image = calls[0][1]
     assert isinstance(image, Image.Image) and image.size == (64, 64)
     assert list(ws.validation_dir.glob("step_*/validation.mp4"))
+    assert "keeping the VAE encoder" in caplog.text  # i2v validation encodes its condition image
 
     # an explicit condition image wins; an unreadable one is a clear error
     Image.new("RGB", (64, 64), (200, 30, 30)).save(ws.root / "cond.png")

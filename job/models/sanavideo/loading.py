@@ -267,3 +267,16 @@ def load_components(
             **_diffusers_dtype_kwarg(dtype),
         ).eval()
     return out
+
+
+def drop_vae_encoder(vae) -> int:
+    """Free the Wan VAE's encoder half (`memory.drop_vae_encoder`): validation only decodes, and the
+    latents come from the cache. Returns the parameters freed. Encoding afterwards fails loudly
+    (`encoder` is None), never silently."""
+    freed = 0
+    for name in ("encoder", "quant_conv"):
+        module = getattr(vae, name, None)
+        if isinstance(module, torch.nn.Module):
+            freed += sum(p.numel() for p in module.parameters())
+            setattr(vae, name, None)
+    return freed
