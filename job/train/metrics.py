@@ -31,6 +31,49 @@ def available_trackers(names: list[str]) -> list[str]:
     return usable
 
 
+#: A checkpoint's copy of `logs/metrics.jsonl` up to its step: a resume on a fresh machine (a remote
+#: checkpoint) gets the loss history back, so the model card's loss curve starts at step 1.
+HISTORY = "metrics.jsonl"
+
+
+def _records(path: Path) -> list[dict]:
+    """The JSON records of a metrics log; a line cut short by a kill is skipped."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def save_history(log_path: Path, checkpoint_dir: Path) -> None:
+    """Copy the metrics log into a checkpoint being written (made durable by the checkpoint's commit)."""
+    if log_path.is_file():
+        (checkpoint_dir / HISTORY).write_bytes(log_path.read_bytes())
+
+
+def restore_history(log_path: Path, checkpoint_dir: Path, step: int) -> int:
+    """At a resume from `step`: keep exactly the records of steps <= `step` (a killed run's later
+    records are redone and would repeat); where the local log holds fewer of them than the
+    checkpoint's copy (a fresh machine), take the copy. Returns the records kept."""
+    from job.workspace import atomic_write_text
+
+    local = [r for r in _records(log_path) if r["step"] <= step]
+    saved = [r for r in _records(checkpoint_dir / HISTORY) if r["step"] <= step]
+    kept = saved if len(saved) > len(local) else local
+    if kept or log_path.exists():
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(kept)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

@@ -129,3 +129,30 @@ def test_minutes_interval_and_time_budget(tmp_path, tiny_model):
     result = run_train(spec, ws)
     assert result.status == "stopped_early" and result.step == 1 and "max_train_hours" in result.message
     assert result.checkpoint.name == "step_000001" and not ws.final_dir.exists()
+
+
+def _logged_steps(ws) -> list[int]:
+    return [json.loads(line)["step"] for line in (ws.logs_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_loss_history_survives_a_resume_once_per_step_and_comes_back_on_a_fresh_machine(tmp_path, tiny_model):
+    spec, ws = make_job(tmp_path, tiny_model, train={"max_train_steps": 6}, checkpoints={"step_interval": 2, "total_limit": 3})
+    run_train(spec, ws)
+    assert _logged_steps(ws) == [1, 2, 3, 4, 5, 6]
+    first_run = (ws.logs_dir / "metrics.jsonl").read_text().splitlines()
+    assert (ws.checkpoints_dir / "step_000004" / "metrics.jsonl").is_file()
+
+    # killed after logging steps 5 and 6 but before their checkpoint was complete: 5 and 6 are redone, logged once
+    shutil.rmtree(ws.final_dir)
+    shutil.rmtree(ws.checkpoints_dir / "step_000006")
+    run_train(spec, ws)
+    assert _logged_steps(ws) == [1, 2, 3, 4, 5, 6]
+
+    # a fresh machine (no logs) resuming from the checkpoint of step 4: steps 1..4 come from the checkpoint
+    shutil.rmtree(ws.final_dir)
+    shutil.rmtree(ws.checkpoints_dir / "step_000006")
+    shutil.rmtree(ws.logs_dir)
+    run_train(spec, ws)
+    restored = (ws.logs_dir / "metrics.jsonl").read_text().splitlines()
+    assert _logged_steps(ws) == [1, 2, 3, 4, 5, 6]
+    assert restored[:4] == first_run[:4]
