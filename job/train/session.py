@@ -27,7 +27,7 @@ from job.models.sanavideo.objective import FlowMatchingObjective
 from . import checkpoints as ckpt
 from .crepa import CrepaRegularizer, build_crepa, check_resume_without_crepa
 from .ema import Ema
-from .metrics import MetricsLog, available_trackers
+from .metrics import MetricsLog, available_trackers, restore_history, save_history
 from .model import load_transformer, load_weights, prepare_transformer, save_weights, weight_dtype
 from .offload import offload_for_training
 from .optimizers import build_optimizer, check_optimizer_available
@@ -130,6 +130,7 @@ class TrainSession:
                          model_type=self.spec.model.type, trainer_version=job.__version__, time=round(time.time(), 3),
                          sampler={**self.sampler.state_dict(batches_consumed=self.position), "epoch": self.epoch})
             (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+            save_history(self.metrics.path, tmp)
         ckpt.save_pt(ckpt.capture_rng(self.generator), tmp / f"rng_{self.rank}.pt")
         acc.wait_for_everyone()
         path = self.store.root / ckpt.step_dir_name(step)
@@ -270,4 +271,6 @@ def build_session(spec, ws) -> TrainSession:
     if resume_from is not None:
         session.resume(resume_from)
     session.metrics = MetricsLog(ws, spec, accelerator, total_steps, session.step, trackers)
+    if resume_from is not None and accelerator.is_main_process:
+        restore_history(session.metrics.path, resume_from, session.step)
     return session
