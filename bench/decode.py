@@ -11,12 +11,17 @@ Measured, for the spec's default 16 fps resampling and for the clips' own rate:
 - `procs_1thread`: one worker process per CPU core, FFmpeg single-threaded in each (what a
   DataLoader with num_workers = cores does), uint8 frames (`load_frames`). The headline number.
 - `one_proc_auto`: one process, FFmpeg threads chosen by FFmpeg (thread_type AUTO).
-- `procs_1thread_fast_color` (16 fps): without swscale's exact chroma path (ACCURATE_COLOR off).
-- `procs_1thread_load_sample` (16 fps): float32 [3,F,H,W] in [-1, 1], what the cache phase gets.
+- `procs_1thread_packed_rgb24` (16 fps): swscale's packed rgb24 output with its exact chroma path
+  (PLANAR_RGB off), the conversion used before the planar one.
+- `procs_1thread_load_sample` (16 fps): float32 [3,F,H,W] in [-1, 1] (`load_sample`; the cache
+  phase gets `load_frames`' uint8 and converts on the GPU).
 Rates are clips/s and clips/s per 2 cores; the target is >= 4 clips/s per 2 cores. Each mode also
 gives `cpu_bound_clips_per_s_per_2_cores` = 2 / (median CPU seconds per clip), the rate of two
 dedicated cores, which other load on a shared machine disturbs less than wall time.
-Also `to_tensor_s`: `frames_to_tensor` on a decoded clip (the unfused uint8 -> float conversion).
+Also `to_tensor_s`: `frames_to_tensor` on a decoded clip (the unfused uint8 -> float conversion),
+and `colour_vs_packed_rgb24`: how far the default (planar) output is from the packed rgb24 exact-chroma
+output on every bench window (max and mean absolute difference in levels, mean signed difference,
+share of values that differ).
 """
 
 from __future__ import annotations
@@ -82,11 +87,11 @@ def _spec(workspace: Path, source: Path, framerate: int | None):
 
 
 def _decode_one(args):
-    sample, threads, accurate, tensor = args
+    sample, threads, planar, tensor = args
     import job.data.decode as data_decode
     from job.data import load_frames, load_sample
 
-    data_decode.ACCURATE_COLOR = accurate
+    data_decode.PLANAR_RGB = planar
     t, c = time.perf_counter(), time.process_time()
     out = load_sample(sample, threads=threads) if tensor else load_frames(sample, threads=threads)
     return time.perf_counter() - t, time.process_time() - c, tuple(out.shape)
@@ -98,8 +103,8 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # as in DataLoader workers
 
 
-def measure(samples, procs: int, threads: int, rounds: int, accurate: bool = True, tensor: bool = False) -> dict:
-    work = [(s, threads, accurate, tensor) for s in samples] * rounds
+def measure(samples, procs: int, threads: int, rounds: int, planar: bool = True, tensor: bool = False) -> dict:
+    work = [(s, threads, planar, tensor) for s in samples] * rounds
     if procs == 1:
         _decode_one(work[0])  # warm up
         t = time.perf_counter()
@@ -108,7 +113,9 @@ def measure(samples, procs: int, threads: int, rounds: int, accurate: bool = Tru
     else:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(procs, initializer=_worker_init) as pool:
-            pool.map(_decode_one, work[:procs])  # warm the workers (imports)
+            # warm the workers: imports, and the first large allocations of a fresh process (several times
+            # slower than later ones: the kernel's first huge pages), two clips per worker
+            pool.map(_decode_one, work[:procs * 2], chunksize=1)
             t = time.perf_counter()
             results = pool.map(_decode_one, work, chunksize=1)
             wall = time.perf_counter() - t
@@ -116,7 +123,30 @@ def measure(samples, procs: int, threads: int, rounds: int, accurate: bool = Tru
     return {"procs": procs, "ffmpeg_threads": threads or "auto", "clips": len(work), "wall_s": round(wall, 3),
             "clips_per_s": round(len(work) / wall, 3), "mean_clip_wall_s": round(float(np.mean([r[0] for r in results])), 4),
             "mean_clip_cpu_s": round(float(np.mean(cpu)), 4), "median_clip_cpu_s": round(float(np.median(cpu)), 4),
-            "accurate_color": accurate, "output": "float32 [3,F,H,W] (load_sample)" if tensor else "uint8 [F,H,W,3] (load_frames)"}
+            "rgb_conversion": "planar gbrp" if planar else "packed rgb24", "output": "float32 [3,F,H,W] (load_sample)" if tensor else "uint8 [F,H,W,3] (load_frames)"}
+
+
+def colour_difference(samples) -> dict:
+    """Default (planar RGB) output minus the packed rgb24 exact-chroma output, over every sample's frames."""
+    import job.data.decode as data_decode
+    from job.data import load_frames
+
+    worst, total_abs, total, differing, values = 0, 0, 0, 0, 0
+    for sample in samples:
+        planar = load_frames(sample, threads=1)
+        data_decode.PLANAR_RGB = False
+        try:
+            packed = load_frames(sample, threads=1)
+        finally:
+            data_decode.PLANAR_RGB = True
+        diff = planar.astype(np.int16) - packed
+        worst = max(worst, int(np.abs(diff).max()))
+        total_abs += int(np.abs(diff).sum(dtype=np.int64))
+        total += int(diff.sum(dtype=np.int64))
+        differing += int(np.count_nonzero(diff))
+        values += diff.size
+    return {"max_abs_levels": worst, "mean_abs_levels": round(total_abs / values, 5), "mean_signed_levels": round(total / values, 5),
+            "share_differing": round(differing / values, 5), "values": values}
 
 
 def cpu_name() -> str:
@@ -177,7 +207,7 @@ def main() -> int:
             "one_proc_auto": measure(samples, 1, 0, args.rounds),
         }
         if framerate:
-            modes["procs_1thread_fast_color"] = measure(samples, cores, 1, args.rounds, accurate=False)
+            modes["procs_1thread_packed_rgb24"] = measure(samples, cores, 1, args.rounds, planar=False)
             modes["procs_1thread_load_sample"] = measure(samples, cores, 1, args.rounds, tensor=True)
         for m in modes.values():
             m["clips_per_s_per_2_cores"] = round(m["clips_per_s"] * 2 / cores, 3)
@@ -188,12 +218,14 @@ def main() -> int:
         for _ in range(3):
             frames_to_tensor(frames)
         modes["to_tensor_s"] = round((time.perf_counter() - t) / 3, 4)
+        if framerate:
+            result["colour_vs_packed_rgb24"] = colour_difference(samples)
         result["modes"][label] = modes
         print(f"{label}: " + ", ".join(f"{k}: {v['clips_per_s']} clips/s ({v['clips_per_s_per_2_cores']} per 2 cores, "
                                         f"{v['cpu_bound_clips_per_s_per_2_cores']} CPU-bound)"
                                         for k, v in modes.items() if isinstance(v, dict)) + f"; to_tensor {modes['to_tensor_s']} s/clip", flush=True)
     result["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-    result["defaults"] = {"accurate_color": data_decode.ACCURATE_COLOR, "skip_unused_nonref": data_decode.SKIP_UNUSED_NONREF,
+    result["defaults"] = {"planar_rgb": data_decode.PLANAR_RGB, "accurate_color": data_decode.ACCURATE_COLOR, "skip_unused_nonref": data_decode.SKIP_UNUSED_NONREF,
                           "interpolation": data_decode.INTERPOLATION}
     head = result["modes"]["16fps"]["procs_1thread"]["clips_per_s_per_2_cores"]
     result["headline_clips_per_s_per_2_cores_16fps"] = head

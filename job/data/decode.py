@@ -13,14 +13,15 @@ are never converted to RGB, and for H.264 (mp4/mov/mkv) a skipped frame that no 
 references (nal_ref_idc 0, typically half the B-frames) is not even decoded; the others must be,
 as later frames are predicted from them.
 
-Each used frame is converted to RGB and resized in one swscale call (`frame.reformat`, AREA
-interpolation: averages when downscaling, no aliasing; with swscale's exact chroma path, see
-ACCURATE_COLOR) and read through a view of its buffer; a crop is then a slice of the resized
-frame. A display rotation (phones) is applied after the resize.
+Each used frame is converted to RGB and resized in one swscale call (AREA interpolation:
+averages when downscaling, no aliasing; chroma interpolated at full resolution, see PLANAR_RGB)
+into planar RGB, whose planes are read through views of its buffer and interleaved straight into
+the output array; a crop is a slice of the resized frame. A display rotation (phones) is applied
+after the resize. One single-threaded swscale context serves the whole window.
 
-Speed (bench/decode.py, bench/RESULTS.md): decoding the source frames and the RGB conversion
-cost about the same; one worker process per core with a single FFmpeg thread each is the
-fastest arrangement (frame threading inside one process scales worse).
+Speed (bench/decode.py, bench/RESULTS.md): decoding the source frames is ~60 % of a clip's time,
+the RGB conversion + resize ~25 %, interleaving ~10 %, opening the file ~5 %; one worker process
+per core with a single FFmpeg thread each is the fastest arrangement.
 """
 
 from __future__ import annotations
@@ -40,9 +41,15 @@ log = logging.getLogger("trainer.data")
 
 #: swscale interpolation used for resizing. AREA averages when downscaling (no aliasing).
 INTERPOLATION = "AREA"
-#: swscale's exact chroma path (FULL_CHR_H_INT | ACCURATE_RND). Without it the scaled RGB output is
-#: ~2.5 levels too dark on average and chroma edges are off (mean error 3.7 vs 1.6 levels against a
-#: float reference); it costs about 1 ms per 832x480 frame.
+#: Convert to planar RGB (swscale's gbrp output, then interleaved by numpy) rather than packed rgb24.
+#: swscale's planar RGB output always interpolates chroma at full resolution and has a SIMD path: at
+#: 832x480 it takes ~1.2 ms a frame (+0.5 ms to interleave) where packed rgb24 with the exact chroma
+#: path takes ~2.5 ms. Its pixels equal that path's within 1 level (~0.2 % of values differ by 1,
+#: mean difference < 0.01 level; measured by bench/decode.py, tested).
+PLANAR_RGB = True
+#: swscale's exact chroma path (FULL_CHR_H_INT | ACCURATE_RND) for packed rgb24 (PLANAR_RGB off; the
+#: planar output always has it). Without it the scaled RGB output is ~2.5 levels too dark on average
+#: and chroma edges are off (mean error 3.7 vs 1.6 levels against a float reference).
 ACCURATE_COLOR = True
 #: Skip decoding H.264 frames that are neither used by the window nor referenced by other frames.
 SKIP_UNUSED_NONREF = True
@@ -135,12 +142,18 @@ def _swscale_flags(interpolation: str) -> int:
 
 
 def _decode_once(av, path, times, window: Window, seek_to, size, crop, rotation, thread_type, threads, interpolation):
+    from av.video.reformatter import VideoReformatter
+
     frame_dur = 1.0 / window.source_fps
     # a target T takes the previous frame while the current one is more than half a frame later
     eps = (0.5 - 1e-3) * frame_dur
     count = len(times)
     out: np.ndarray | None = None
     flags = _swscale_flags(interpolation)
+    # One swscale context for the whole window, single-threaded: `frame.reformat` would set up a
+    # new context (and, with its default threads=0, a thread pool) for every frame; parallelism
+    # comes from one decode process per core.
+    reformatter = VideoReformatter()
     with av.open(path, metadata_errors="ignore") as container:
         stream = container.streams.video[0]
         stream.thread_type = thread_type
@@ -153,10 +166,11 @@ def _decode_once(av, path, times, window: Window, seek_to, size, crop, rotation,
         j = 0
         prev = None
         prev_t = 0.0
-        prev_rgb: np.ndarray | None = None
+        prev_at: int | None = None  # where `prev` was written in `out` (a repeated frame is copied from there)
 
-        def convert(frame) -> np.ndarray:
-            nonlocal layout
+        def convert_into(frame) -> None:
+            """Convert + resize `frame` in one swscale call and write its crop into out[j]."""
+            nonlocal layout, out
             if layout is None:
                 dw, dh = display_size(frame.width, frame.height, rotation)
                 tw, th = size if size is not None else (dw, dh)
@@ -164,19 +178,25 @@ def _decode_once(av, path, times, window: Window, seek_to, size, crop, rotation,
                 sw, sh, ox, oy = scaled_layout(dw, dh, box, (tw, th))
                 stored = (sh, sw) if rotation % 180 else (sw, sh)
                 layout = (stored[0], stored[1], ox, oy, tw, th)
+                out = np.empty((count, th, tw, 3), dtype=np.uint8)
             w, h, ox, oy, tw, th = layout
-            # one swscale call (convert + resize), then a view of its buffer: no extra copy
-            plane = frame.reformat(width=w, height=h, format="rgb24", interpolation=flags).planes[0]
-            rgb = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, : w * 3].reshape(h, w, 3)
-            if rotation:
-                rgb = np.rot90(rgb, k=rotation // 90)
-            return rgb[oy:oy + th, ox:ox + tw]
+            dest = out[j]
+            if PLANAR_RGB:
+                converted = reformatter.reformat(frame, width=w, height=h, format="gbrp", interpolation=flags, threads=1)
+                for channel, plane in zip(_GBRP_CHANNELS, converted.planes):
+                    dest[..., channel] = _crop(_plane_view(plane, h, w), rotation, ox, oy, tw, th)
+            else:
+                converted = reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation=flags, threads=1)
+                plane = converted.planes[0]
+                dest[...] = _crop(_plane_view(plane, h, w * 3).reshape(h, w, 3), rotation, ox, oy, tw, th)
 
-        def emit(rgb: np.ndarray) -> None:
-            nonlocal out, j
-            if out is None:
-                out = np.empty((count, *rgb.shape), dtype=np.uint8)
-            out[j] = rgb
+        def emit(frame) -> None:
+            nonlocal j, prev_at
+            if prev_at is None:
+                convert_into(frame)
+                prev_at = j
+            else:  # upsampling repeats a frame: copy it, do not convert it again
+                out[j] = out[prev_at]
             j += 1
 
         for frame in _frames(container, stream, times, frame_dur):
@@ -185,22 +205,34 @@ def _decode_once(av, path, times, window: Window, seek_to, size, crop, rotation,
                 return None  # overshot the window start
             while j < count and times[j] + eps < t:
                 if prev is None:  # the stream starts after the target (no seek): use its first frame
-                    prev, prev_t, prev_rgb = frame, t, None
-                if prev_rgb is None:
-                    prev_rgb = convert(prev)
-                emit(prev_rgb)
+                    prev, prev_t, prev_at = frame, t, None
+                emit(prev)
             if j >= count:
                 break
-            prev, prev_t, prev_rgb = frame, t, None
+            prev, prev_t, prev_at = frame, t, None
         else:
             # end of stream: the last frame covers one frame duration (plus slack for rounding)
             while j < count and prev is not None and times[j] < prev_t + 1.5 * frame_dur:
-                if prev_rgb is None:
-                    prev_rgb = convert(prev)
-                emit(prev_rgb)
+                emit(prev)
     if out is None:
         out = np.empty((0, 0, 0, 3), dtype=np.uint8)
     return out, j
+
+
+#: swscale's gbrp output holds the planes G, B, R: their channels in RGB order.
+_GBRP_CHANNELS = (1, 2, 0)
+
+
+def _plane_view(plane, height: int, row_bytes: int) -> np.ndarray:
+    """The [height, row_bytes] pixels of a frame plane, a view of its buffer (rows are padded to line_size)."""
+    return np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)[:, :row_bytes]
+
+
+def _crop(pixels: np.ndarray, rotation: int, ox: int, oy: int, tw: int, th: int) -> np.ndarray:
+    """The display-rotated crop of a resized (stored-orientation) plane or image, a view."""
+    if rotation:
+        pixels = np.rot90(pixels, k=rotation // 90)
+    return pixels[oy:oy + th, ox:ox + tw]
 
 
 def _frames(container, stream, times: list[float], frame_dur: float):

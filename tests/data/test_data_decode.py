@@ -154,3 +154,65 @@ def test_bfloat16_tensors(corpus):
     frames = decode_window(corpus["quad"], Window(0.1, 5, 16, 24), size=(48, 32))
     half = frames_to_tensor(frames, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), frames_to_tensor(frames), atol=8e-3)
+
+
+def _colour_texture(i: int, w: int, h: int) -> np.ndarray:
+    """Smooth colour gradients plus sharp coloured blocks that move: chroma detail at every scale."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([(x * 255 // w + 3 * i) % 256, y * 255 // h, ((x + y + 5 * i) % 32) * 8], -1).astype(np.uint8)
+    img[10:30, 20 + i:50 + i] = (250, 20, 200)
+    img[h // 2:h // 2 + 12, w // 3:w // 3 + 9] = (10, 240, 30)
+    return img
+
+
+@pytest.fixture(scope="module")
+def colour_clip(tmp_path_factory):
+    from data_helpers import make_video
+
+    return make_video(tmp_path_factory.mktemp("colour") / "colour.mp4", 160, 96, 24, 24, pattern=_colour_texture,
+                      options={"crf": "12", "preset": "ultrafast"})
+
+
+@pytest.mark.parametrize("name, window, size, crop, rotation", [
+    ("colour", Window(0.0, 9, 16, 24), (112, 64), None, 0),
+    ("colour", Window(0.1, 5, 24, 24), (48, 48), crop_box(160, 96, (48, 48), True), 0),
+    ("quad", Window(0.0, 3, 24, 24), (112, 64), None, 0),
+    ("rotated", Window(0.0, 3, 24, 24), (48, 80), None, 90),
+    ("c12", Window(0.0, 9, 16, 12), (48, 32), None, 0),  # upsampling: repeated frames are copies
+])
+def test_planar_rgb_matches_the_packed_exact_chroma_path(corpus, colour_clip, monkeypatch, name, window, size, crop, rotation):
+    import job.data.decode as decode
+
+    path = colour_clip if name == "colour" else corpus[name]
+    planar = decode_window(path, window, size=size, crop=crop, rotation=rotation)
+    monkeypatch.setattr(decode, "PLANAR_RGB", False)
+    packed = decode_window(path, window, size=size, crop=crop, rotation=rotation)
+    assert planar.shape == packed.shape == (window.num_frames, size[1], size[0], 3)
+    assert planar.dtype == np.uint8 and planar.flags.c_contiguous
+    diff = planar.astype(int) - packed
+    # swscale's planar and packed RGB outputs round a few values differently, never by more than 1
+    assert np.abs(diff).max() <= 1
+    assert np.abs(diff).mean() < 0.02, np.abs(diff).mean()
+
+
+def test_one_single_threaded_swscale_context_serves_the_whole_window(corpus, monkeypatch):
+    """PyAV's `frame.reformat` sets up a new swscale context (and thread pool) per frame: the
+    decoder must not use it, but one single-threaded reformatter per window."""
+    from av.video import reformatter
+
+    made, calls = [], []
+    real = reformatter.VideoReformatter
+
+    class Counting:  # PyAV's class cannot be subclassed: wrap it
+        def __init__(self):
+            made.append(self)
+            self.real = real()
+
+        def reformat(self, frame, *args, **kwargs):
+            calls.append(kwargs.get("threads"))
+            return self.real.reformat(frame, *args, **kwargs)
+
+    monkeypatch.setattr(reformatter, "VideoReformatter", Counting)
+    frames = decode_window(corpus["c24"], Window(0.0, 17, 16, 24), size=(48, 32))
+    assert len(made) == 1 and len(calls) == 17 and set(calls) == {1}
+    assert indices(frames) == expected_indices(0, 17, 24, 16)
