@@ -15,10 +15,13 @@ weights, so nothing is downloaded; the speed of a conv net does not depend on it
   posterior sample (seeded per clip), normalisation, copy to the CPU, `safetensors.save_file`.
   Default torch settings. The decode is the same code as ours, so the difference is the pipeline.
 - `ours`: the cache phase's own latent stage (`job.cache.phase._cache_latents`: DataLoader decode
-  workers shipping uint8 frames, float conversion on the GPU, cuDNN autotuning, a writer thread
-  pool with atomic writes + fsync, manifests), timed end to end INCLUDING its VAE load, plus its
-  steady rate (from the 3rd finished clip on). Variants: cuDNN autotuning on; vae_batch_size 2;
-  compression on.
+  workers shipping uint8 frames, float conversion on the GPU, the VAE encoder in channels-last
+  layout (`data.vae_channels_last`, default on), a writer thread pool with atomic writes + fsync,
+  manifests), timed end to end INCLUDING its VAE load, plus its steady rate (from the 3rd finished
+  clip on). Variants (`--variants`): b1 (the defaults: channels-last, `vae_compile: auto`, which
+  does not compile for a run this short), b1-compile (`vae_compile: always`; its first batch pays
+  the compile), b2 (vae_batch_size 2), b1-ncdhw (channels-last off: the phase before issue #6),
+  b1-cudnn-autotune, b1-compressed.
 
 Numerics: ours vs plain per clip (same seeds, same input): ||a - b|| / ||b|| and max |a - b|
 (bf16: expect <= ~1e-2; cuDNN may pick other kernels). Timings are wall clock with the device
@@ -93,7 +96,7 @@ def versions() -> dict:
 
 
 def spec_for(work: Path, model: Path, cache_dir: str, *, batch: int = 1, compress: bool = False, frames: int = 81,
-             resolution: int = 480):
+             resolution: int = 480, channels_last: bool = True, compile_mode: str = "auto"):
     from job.spec import validate_data
 
     data = {
@@ -102,7 +105,7 @@ def spec_for(work: Path, model: Path, cache_dir: str, *, batch: int = 1, compres
         "data": {"datasets": [{"id": "bench", "source": "clips", "resolution": resolution, "resolution_type": "pixel_area",
                                "cache_dir_vae": cache_dir, "video": {"num_frames": frames}}],
                  "vae_batch_size": batch, "cache_dtype": "bf16", "vae_latent_mode": "sample", "framerate": 16,
-                 "compress_disk_cache": compress},
+                 "compress_disk_cache": compress, "vae_channels_last": channels_last, "vae_compile": compile_mode},
         "train": {"max_train_steps": 1, "train_batch_size": 1},
         "validation": {"enabled": False},
     }
@@ -118,7 +121,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny VAE, small clips: check the script on a CPU")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
+    parser.add_argument("--variants", default="b1,b1-compile,b2",
+                        help="comma-separated, of: b1, b1-compile, b2, b1-ncdhw, b1-cudnn-autotune, b1-compressed")
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - {"b1", "b1-compile", "b2", "b1-ncdhw", "b1-cudnn-autotune", "b1-compressed"}
+    if unknown:
+        parser.error(f"unknown variants: {sorted(unknown)}")
 
     import torch
     from diffusers import AutoencoderKLWan
@@ -237,9 +245,10 @@ def main() -> int:
 
     loading.load_components = timed_load
 
-    def run_ours(name: str, *, batch: int = 1, compress: bool = False, cudnn_benchmark: bool = phase.CUDNN_BENCHMARK) -> dict:
+    def run_ours(name: str, *, batch: int = 1, compress: bool = False, cudnn_benchmark: bool = phase.CUDNN_BENCHMARK,
+                 channels_last: bool = True, compile_mode: str = "auto") -> dict:
         spec_v = spec_for(work, model, f"cache/vae/{name}", batch=batch, compress=compress, frames=frames,
-                          resolution=resolution)
+                          resolution=resolution, channels_last=channels_last, compile_mode=compile_mode)
         ws_v = Workspace.for_spec(spec_v)
         plan_v = plan_dataset(spec_v, ws_v, show=False)
         result = phase.CacheResult(device=str(dev))
@@ -261,14 +270,17 @@ def main() -> int:
         out = {"seconds": total, "clips_per_s": n / total, "vae_load_s": load, "steady_clips_per_s": steady(recorder.done),
                "speedup_vs_plain": plain_s / total, "bytes_on_disk": size, "folder": str(folder),
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
-               "batch": batch, "compress": compress, "cudnn_benchmark": cudnn_benchmark}
+               "batch": batch, "compress": compress, "cudnn_benchmark": cudnn_benchmark,
+               "channels_last": channels_last, "vae_compile": compile_mode}
         print(f"ours[{name}]:", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
         return out
 
     variants = {}
     budget_end = time.perf_counter() + args.budget
-    plan_variants = [("b1", {}), ("b1-cudnn-autotune", {"cudnn_benchmark": True}), ("b2", {"batch": 2}),
-                     ("b1-compressed", {"compress": True})]
+    known = {"b1": {}, "b1-compile": {"compile_mode": "always"}, "b2": {"batch": 2},
+             "b1-ncdhw": {"channels_last": False, "compile_mode": "never"},
+             "b1-cudnn-autotune": {"cudnn_benchmark": True}, "b1-compressed": {"compress": True}}
+    plan_variants = [(name, known[name]) for name in args.variants.split(",")]
     for name, kw in plan_variants:
         if variants and time.perf_counter() + plain_s > budget_end:
             print(f"skipping ours[{name}]: past the time budget")
@@ -287,7 +299,7 @@ def main() -> int:
         rels, maxabs = [], 0.0
         for i, s in enumerate(samples):
             ref = compression.load(plain_dir / f"{i:03d}.safetensors")[0]["latents"].float()
-            got = compression.read_sample(Path(v["folder"]), phase.latent_sample_key(s)).latents.float()
+            got = phase.fmt.read_sample(Path(v["folder"]), phase.latent_sample_key(s)).latents.float()
             assert got.shape == ref.shape, (got.shape, ref.shape)
             rels.append(float((got - ref).norm() / ref.norm()))
             maxabs = max(maxabs, float((got - ref).abs().max()))

@@ -63,9 +63,12 @@ and written by a thread pool, so decode, encode and write overlap. The workers r
 `job.data.load_frames` (the decode/crop/resize half of `load_sample`) and ship uint8 frames; the
 other half, the conversion to float in [-1, 1], runs on the device with the same float32 ops
 (bit-identical input, a quarter of the bytes through shared memory, pinned memory and PCIe).
-Measured on an H100 (bench/cache_throughput.py, bench/RESULTS.md): 2.1x a plain per-clip loop,
-latents bit-identical to it; the VAE itself is then the bottleneck (about 1.2 s per 81-frame
-832x480 clip in bf16 at vae_batch_size 1, 0.9 s per clip at 2).
+The VAE itself is then the bottleneck, so its encoder runs in channels-last layout
+(`data.vae_channels_last`, default on) and, for buckets with many clips, compiled
+(`data.vae_compile`, `job.cache.vae_speed`). Measured on an H100 (bench/cache_throughput.py,
+bench/RESULTS.md), 81-frame 832x480 clips in bf16, steady state: 0.99 clips/s at vae_batch_size 1
+(0.84 in NCDHW layout), 1.58 compiled, 1.28 at batch 2; latents within bf16 rounding of a plain
+encode (bit-identical to it with `vae_channels_last: false`, compile off, batch 1).
 
 Dtypes: on CUDA the text encoder runs in bf16 (the released checkpoint's dtype) and the VAE in
 bf16 when `cache_dtype` is bf16 (the latents are stored in bf16 anyway), else fp32; on the CPU both
@@ -83,6 +86,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -98,6 +102,7 @@ from job.workspace import Workspace, atomic_write_text
 
 from . import compression
 from . import format as fmt
+from .vae_speed import EncoderSpeed
 
 log = logging.getLogger("trainer.cache")
 
@@ -959,10 +964,13 @@ def _fit_workers(workers: int, todo: list[tuple[_Planned, bool]], batch_size: in
     return workers
 
 
-def _to_video(frames: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """uint8 [B, F, H, W, 3] -> float32 [B, 3, F, H, W] in [-1, 1] on `dev`: `frames_to_tensor`'s ops."""
+def _to_video(frames: torch.Tensor, dev: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] -> float32 [B, 3, F, H, W] in [-1, 1] on `dev`: `frames_to_tensor`'s ops.
+
+    `channels_last`: stored NDHWC (the frames' own order, so no transpose), for a channels-last VAE."""
     video = frames.to(dev, non_blocking=True).permute(0, 4, 1, 2, 3)
-    return video.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    return video.to(torch.float32, memory_format=layout).div_(127.5).sub_(1.0)
 
 
 def _batches(todo: list[tuple[_Planned, bool]], batch_size: int) -> list[list[int]]:
@@ -989,11 +997,14 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
     log.info("loading the VAE from %s (%s, %s)", vae_path or model_dir, str(vae_dtype).removeprefix("torch."), dev)
     vae = load_components(model_dir, vae_path=vae_path, parts={"vae"}, vae_dtype=vae_dtype).vae
     vae.to(dev)
+    speed = EncoderSpeed(vae, spec.data, dev, dict(Counter(item.sample.bucket for item, _ in todo)))
+    if speed.applied:
+        log.info("VAE encoder speed-ups: %s", ", ".join(speed.applied))
     temporal = int(getattr(vae.config, "scale_factor_temporal", None) or 4)
     spatial = int(getattr(vae.config, "scale_factor_spatial", None) or 8)
     store_dtype = _DTYPES[spec.data.cache_dtype]
     sample_mode = spec.data.vae_latent_mode == "sample"
-    info = {"vae_dtype": str(vae_dtype).removeprefix("torch.")}
+    info = {"vae_dtype": str(vae_dtype).removeprefix("torch."), **speed.info()}
     encoder = None
     if spec.train.crepa.enabled:
         from job.train import crepa
@@ -1039,14 +1050,18 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
                 continue
             indices = batch["indices"]
             batch_samples = [todo[i][0].sample for i in indices]
-            latents, first = _encode_batch(vae, _to_video(batch["frames"], dev), batch_samples, dev, sample_mode)
+            video = _to_video(batch["frames"], dev, channels_last=speed.channels_last)
+            latents, first = speed.run(batch_samples[0].bucket, len(indices),
+                                       lambda: _encode_batch(vae, video, batch_samples, dev, sample_mode))
+            del video
             feats = None
             if encoder is not None:
                 feats = crepa.encode_frames(encoder, batch["frames"], spec.train.crepa.encoder_image_size, temporal,
                                             crepa.feature_grid(*latents.shape[-2:])).to(store_dtype).cpu()
             del batch["frames"]
-            latents = latents.to(store_dtype).cpu()
-            first = first.to(store_dtype).cpu() if first is not None else None
+            # .contiguous(): a channels-last encoder returns NDHWC-strided latents; files store NCDHW
+            latents = latents.to(store_dtype).cpu().contiguous()
+            first = first.to(store_dtype).cpu().contiguous() if first is not None else None
             for j, index in enumerate(indices):
                 item, stale = todo[index]
                 mask = batch["masks"][j]
@@ -1076,7 +1091,7 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
         writer.drain()
     finally:
         torch.backends.cudnn.benchmark = benchmark
-        del loader, vae, encoder
+        del loader, vae, encoder, speed
         _free(dev)
 
 
