@@ -124,8 +124,7 @@ def main() -> int:
         print(f"--- profile {name} (top rows)\n" + "\n".join(table.splitlines()[:18]))
 
     variants = [("base", False, False, False), ("cl", True, False, False), ("base-autotune", False, True, False),
-                ("cl-autotune", True, True, False), ("cl-norms", True, False, "norms"), ("cl-compile", True, False, True),
-                ("compile", False, False, True)]
+                ("cl-autotune", True, True, False), ("cl-compile", True, False, True), ("compile", False, False, True)]
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v[0] in keep]
@@ -146,7 +145,7 @@ def main() -> int:
         del vae32
     compile_cost = 0.0
     for name, cl, autotune, compiled in variants:
-        if compiled is True and compile_cost > args.compile_budget:
+        if compiled and compile_cost > args.compile_budget:
             print(f"skipping {name}: the first compile took {compile_cost:.0f} s")
             continue
         entry: dict = {"channels_last": cl, "cudnn_benchmark": autotune, "compile": compiled}
@@ -155,11 +154,7 @@ def main() -> int:
             torch.backends.cudnn.benchmark = autotune
             vae = fresh_vae(cl)
             x = channels_last_input(video) if cl else video
-            if compiled == "norms":  # the cache phase's default on CUDA: only the RMS norms compiled
-                from job.cache.vae_speed import compile_norms
-
-                entry["norms_compiled"] = compile_norms(vae.encoder)
-            elif compiled:
+            if compiled:
                 import torch._dynamo
 
                 torch._dynamo.reset()
@@ -170,7 +165,7 @@ def main() -> int:
             first = encode(vae, x)
             sync()
             entry["first_call_s"] = time.perf_counter() - t
-            if compiled is True:
+            if compiled:
                 compile_cost = entry["first_call_s"]
                 c = torch._dynamo.utils.counters
                 entry["graph_breaks"] = {str(k): v for k, v in c["graph_break"].items()}

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from job.errors import TrainerError
@@ -57,37 +56,6 @@ def channels_last_input(video: torch.Tensor) -> torch.Tensor:
 #: graphs: the first chunk, the second, the rest; ~50 s warm) and saves about 0.38 s a clip at
 #: 81x832x480 in the phase (0.99 -> 1.58 clips/s, bench/RESULTS.md), so it pays back after ~240 clips.
 COMPILE_MIN_CLIPS = 256
-
-
-def _rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias, scale: float, dim: int) -> torch.Tensor:
-    """diffusers' `WanRMS_norm.forward`: normalised in fp32 over the channels, back to x's dtype,
-    times sqrt(C) * gamma, plus the bias (0.0 when the norm has none)."""
-    return F.normalize(x.float(), dim=dim).to(x.dtype) * scale * gamma + bias
-
-
-_compiled_rms_norm = None
-
-
-def compile_norms(module: nn.Module) -> int:
-    """Run every `WanRMS_norm` of `module` through one compiled kernel (CUDA only; dynamic shapes, so
-    one small graph serves every layer and clip size, compiled in seconds). Eager, each norm is seven
-    passes over the activations (fp32 copy, norm, divide, cast back, two multiplies, the add of a 0.0
-    bias); compiled, it reads and writes them once. Returns how many norms were switched."""
-    global _compiled_rms_norm
-    if _compiled_rms_norm is None:
-        _compiled_rms_norm = torch.compile(_rms_norm, dynamic=True)
-    switched = 0
-    for m in module.modules():
-        if type(m).__name__ == "WanRMS_norm" and not getattr(m, "_trainer_compiled_norm", False):
-            dim = 1 if m.channel_first else -1
-
-            def forward(x, m=m, dim=dim):
-                return _compiled_rms_norm(x, m.gamma, m.bias, m.scale, dim)
-
-            m.forward = forward
-            m._trainer_compiled_norm = True
-            switched += 1
-    return switched
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -124,16 +92,14 @@ class EncoderSpeed:
         self.compile_buckets: set[str] = set()
         if mode == "never":
             return
+        wanted = {b for b, n in clips_per_bucket.items() if mode == "always" or n >= COMPILE_MIN_CLIPS}
+        if not wanted:
+            log.info("data.vae_compile auto: not compiling the VAE encoder: no bucket has %d clips to encode "
+                     "(the compile would cost more than it saves)", COMPILE_MIN_CLIPS)
+            return
         why = compile_unavailable(device)
         if why is not None:
             log.info("data.vae_compile: not compiling the VAE encoder: %s", why)
-            return
-        # the norms compile in seconds and pay back from the first clip (bench/RESULTS.md)
-        self.applied.append(f"compiled RMS norms ({compile_norms(vae.encoder)})")
-        wanted = {b for b, n in clips_per_bucket.items() if mode == "always" or n >= COMPILE_MIN_CLIPS}
-        if not wanted:
-            log.info("data.vae_compile auto: not compiling the whole VAE encoder: no bucket has %d clips to encode "
-                     "(that compile would cost more than it saves)", COMPILE_MIN_CLIPS)
             return
         self.compile_buckets = wanted
         # static shapes: one set of graphs per clip size, no dynamic-shape kernels
