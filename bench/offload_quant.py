@@ -13,6 +13,13 @@ configuration, so the losses can be compared. Records peak `max_memory_allocated
 step time over the steps after the first two, forward+backward and optimizer time apart, and the
 losses. Each configuration runs in its own try block and the JSON is rewritten after each.
 
+The step after backward is split: `clip_s` (global norm + scaling) and `adamw_s` for the
+synchronous rows; `land_grads_s` is the time from the CPU's end of the backward pass to the
+gradients in `.grad` (mostly the GPU finishing the backward). The `-bgstep` rows use what training
+does with group offload (`job.train.offload.BackgroundStepOptimizer`: the CPU step on a worker
+thread during the next forward pass) and record the worker's time (`prev_worker_s`) and how long
+the forward pass waited for it (`forward_waited_s`).
+
 `--tiny` runs the same code on the CPU with the tiny test model (to check the script).
 """
 
@@ -49,6 +56,12 @@ CONFIGS = [
     dict(name="full-bf16-ckpt-groupoffload-block1-stream-compiled", compile=True,
          group_offload=dict(type="block_level", blocks_per_group=1, use_stream=True), **FULL),
     dict(name="full-bf16-ckpt-groupoffload-leaf-stream", group_offload=dict(type="leaf_level", blocks_per_group=1, use_stream=True), **FULL),
+    # what training does with group offload: the CPU optimizer step in the background (BackgroundStepOptimizer),
+    # overlapping the next forward pass; the norm from the gradients' norms taken on the GPU
+    dict(name="full-bf16-ckpt-groupoffload-block1-stream-compiled-bgstep", compile=True, background_step=True,
+         group_offload=dict(type="block_level", blocks_per_group=1, use_stream=True), **FULL),
+    dict(name="full-bf16-ckpt-groupoffload-block1-stream-compiled-bgstep-noclip", compile=True, background_step=True, clip=0.0,
+         group_offload=dict(type="block_level", blocks_per_group=1, use_stream=True), **FULL),
 ]
 TINY = dict(frames=5, height=64, width=64)
 
@@ -57,6 +70,7 @@ def build(cfg, device, tiny: bool):
     import torch
     from diffusers import SanaVideoTransformer3DModel
 
+    from job.spec.speed import SpeedSpec
     from job.train import quantize
 
     torch.manual_seed(0)
@@ -73,10 +87,11 @@ def build(cfg, device, tiny: bool):
                                                  lora=SimpleNamespace(rank=64, alpha=None, dropout=0.0,
                                                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"])),
                            memory=SimpleNamespace(gradient_checkpointing=True,
-                                                  group_offload=SimpleNamespace(enabled=bool(cfg.get("group_offload")))),
+                                                  group_offload=SimpleNamespace(enabled=bool(cfg.get("group_offload")),
+                                                                                **cfg.get("group_offload", {}))),
+                           train=SimpleNamespace(mixed_precision="bf16"),
                            # the trainer's speed defaults, compile only where the configuration asks
-                           speed=SimpleNamespace(compile_blocks=bool(cfg.get("compile")), linear_attention="fused",
-                                                 keep_activations_blocks=0))
+                           speed=SpeedSpec(compile_blocks=bool(cfg.get("compile"))))
     from job.train.model import prepare_transformer
 
     params = prepare_transformer(model, spec)  # LoRA / trainability, quantisation, checkpointing: the trainer's code
@@ -111,6 +126,12 @@ def run_config(cfg, device, tiny: bool, steps: int) -> dict:
     train = SimpleNamespace(optimizer="adamw", learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                             weight_decay=0.0)
     opt = build_optimizer(params, train)
+    background = None
+    if cfg.get("background_step"):
+        from job.train.offload import BackgroundStepOptimizer
+
+        opt = background = BackgroundStepOptimizer(opt, offload)
+    max_norm = cfg.get("clip", 1.0)
     channels = model.config.in_channels
     caption = model.config.caption_channels
     F, H, W = cfg["frames"], cfg["height"], cfg["width"]
@@ -120,6 +141,7 @@ def run_config(cfg, device, tiny: bool, steps: int) -> dict:
     if cuda:
         rec["static_gib"] = torch.cuda.memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()
+    waited = offload.waited_s if offload is not None else 0.0
     for step in range(steps):
         g = torch.Generator().manual_seed(1000 + step)  # the same inputs in every configuration
         x0 = torch.randn(1, channels, lf, lh, lw, generator=g).to(device)
@@ -139,17 +161,40 @@ def run_config(cfg, device, tiny: bool, steps: int) -> dict:
         loss.backward()
         sync()
         tb = time.perf_counter()
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        parts = {}
+        if background is not None:
+            # the previous step's background work, finished by now (this step's forward waited for it)
+            parts.update(prev_worker_s=offload.pending_step.seconds if offload.pending_step else None,
+                         forward_waited_s=offload.waited_s - waited)
+            norm = background.clip_gradients(params, max_norm, "norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            waited = offload.waited_s
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            sync()
+            tc = time.perf_counter()
+            opt.step()
+            sync()
+            parts.update(clip_s=tc - tb, adamw_s=time.perf_counter() - tc)
+            opt.zero_grad(set_to_none=True)
         sync()
         te = time.perf_counter()
-        rec["steps"].append(dict(loss=float(loss.detach()), grad_norm=float(norm), fwd_bwd_s=tb - ts, opt_s=te - tb, step_s=te - ts))
+        if offload is not None:
+            parts["land_grads_s"] = offload.last_land_s  # inside fwd_bwd: the end of the backward pass
+        rec["steps"].append(dict(loss=float(loss.detach()), grad_norm=float(norm), fwd_bwd_s=tb - ts, opt_s=te - tb,
+                                 step_s=te - ts, **parts))
         del pred, loss, x0, noise, noisy
     timed = rec["steps"][2:] or rec["steps"]
     rec["step_s_median"] = statistics.median(s["step_s"] for s in timed)
     rec["fwd_bwd_s_median"] = statistics.median(s["fwd_bwd_s"] for s in timed)
     rec["opt_s_median"] = statistics.median(s["opt_s"] for s in timed)
+    for key in ("clip_s", "adamw_s", "land_grads_s", "prev_worker_s", "forward_waited_s"):
+        values = [s[key] for s in timed if s.get(key) is not None]
+        if values:
+            rec[f"{key}_median"] = statistics.median(values)
+    if background is not None:
+        background.wait()
     rec["losses"] = [s["loss"] for s in rec["steps"]]
     if cuda:
         rec["peak_gib"] = torch.cuda.max_memory_allocated() / GIB

@@ -7,15 +7,18 @@ trained weights over first (EMAModel itself needs both on one device).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers.training_utils import EMAModel
 
 
 class Ema:
-    def __init__(self, params: list[torch.nn.Parameter], ema_spec, accelerator_device: torch.device):
+    def __init__(self, params: list[torch.nn.Parameter], ema_spec, accelerator_device: torch.device,
+                 before_read: Callable[[], None] | None = None):
         self.params = params
+        # waits for an optimizer step still updating the weights in the background (group offload)
+        self.before_read = before_read or (lambda: None)
         self.interval = ema_spec.update_interval
         self.device = torch.device("cpu") if ema_spec.device == "cpu" else accelerator_device
         self.model = EMAModel([p.detach().to(self.device, torch.float32) for p in params], decay=ema_spec.decay,
@@ -28,6 +31,7 @@ class Ema:
     def maybe_update(self, step: int) -> bool:
         if step % self.interval:
             return False
+        self.before_read()
         self.model.step(self._views())
         return True
 
@@ -43,6 +47,7 @@ class Ema:
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Temporarily swap the EMA weights into the model (validation, saving), then restore."""
+        self.before_read()
         backup = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.model.shadow_params):

@@ -53,6 +53,8 @@ def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None) -> 
                                    peak_mem_gb=peak_memory_gb(s.accelerator.device),
                                    epoch=s.epoch + s.position / len(s.sampler), **out.extras)
                     s.metrics.log(s.step, metrics)
+                    if hooks.on_step_end:
+                        s.finish_optimizer_step()  # callbacks may read the weights
                     for callback in hooks.on_step_end:
                         callback(StepInfo(s.step, s.total_steps, s.epoch, metrics, s.accelerator.is_main_process, s))
                 stop_now, time_due = _agreed_flags(s, stop)

@@ -29,7 +29,7 @@ from .crepa import CrepaRegularizer, build_crepa, check_resume_without_crepa
 from .ema import Ema
 from .metrics import MetricsLog, available_trackers, restore_history, save_history
 from .model import load_transformer, load_weights, prepare_transformer, save_weights, weight_dtype
-from .offload import offload_for_training
+from .offload import group_offload_of, offload_for_training, step_in_background
 from .optimizers import build_optimizer, check_optimizer_available
 from .schedulers import build_scheduler
 
@@ -110,8 +110,15 @@ class TrainSession:
             self.epoch, self.position = self.epoch + 1, 0
 
     # --- checkpoints --------------------------------------------------------------------------
+    def finish_optimizer_step(self) -> None:
+        """Wait for an optimizer step still updating offloaded weights in the background (group offload)."""
+        offload = group_offload_of(self.model)
+        if offload is not None:
+            offload.finish_optimizer_step()
+
     def save_checkpoint(self) -> Path:
         acc, step = self.accelerator, self.step
+        self.finish_optimizer_step()
         tmp = self.store.tmp_dir(step)
         if acc.is_main_process:
             self.store.begin(step)
@@ -246,15 +253,18 @@ def build_session(spec, ws) -> TrainSession:
     params = prepare_transformer(transformer, spec)
     if resume_from is not None:
         load_weights(resume_from, transformer, spec)
-    offloaded = offload_for_training(transformer, spec, accelerator.device, ws.resolve) is not None
+    offload = offload_for_training(transformer, spec, accelerator.device, ws.resolve)
+    offloaded = offload is not None
     crepa = build_crepa(spec, transformer, dataset, accelerator.device)
     optimizer = build_optimizer(params + (crepa.parameters() if crepa else []), t, seed=t.seed)
+    if offloaded:  # the CPU step overlaps the next forward pass
+        optimizer = step_in_background(optimizer, offload)
     scheduler = build_scheduler(optimizer, t, total_steps)
     # group offload placed the weights itself (blocks in CPU RAM): accelerate must not move them
     prepared, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not offloaded] * 2)
     if crepa is not None:
         crepa.forward_projector = accelerator.prepare(crepa.projector)
-    ema = Ema(params, t.ema, accelerator.device) if t.use_ema else None
+    ema = Ema(params, t.ema, accelerator.device, before_read=offload.finish_optimizer_step if offloaded else None) if t.use_ema else None
     generator = torch.Generator("cpu").manual_seed(t.seed)
 
     cuda = accelerator.device.type == "cuda"

@@ -11,6 +11,7 @@ import torch
 
 from job.errors import EXIT_BAD_INPUT, TrainerError
 
+from .offload import background_optimizer
 from .rollout import rollout_inputs
 
 log = logging.getLogger("trainer.train")
@@ -75,6 +76,9 @@ def clip_gradients(s) -> float:
     """Clip by `max_grad_norm` (norm or value; 0 = off). Returns the global norm before clipping."""
     t, acc = s.spec.train, s.accelerator
     params = s.params + (s.crepa.parameters() if getattr(s, "crepa", None) is not None else [])
+    background = background_optimizer(s.optimizer)
+    if background is not None:  # group offload: the norm is known without a CPU pass, the clip is applied in the step
+        return background.clip_gradients(params, t.max_grad_norm, t.grad_clip_method)
     if t.max_grad_norm > 0 and t.grad_clip_method == "norm":
         return float(acc.clip_grad_norm_(params, t.max_grad_norm))
     grads = [p for p in params if p.grad is not None]

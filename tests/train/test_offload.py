@@ -197,3 +197,173 @@ def test_preflight_counts_offloaded_gradients_and_optimizer_states_in_host_ram()
     spilled = host_ram_need(inp, to_disk=True)  # the folder holds the weights, not gradients or moments
     assert "group_offload_weights" not in spilled and spilled["group_offload_optimizer_states"] == n * 4
     assert "group_offload_gradients" not in host_ram_need(dataclasses.replace(inp, group_offload=False), to_disk=False)
+
+
+# --- the optimizer step in the background (BackgroundStepOptimizer) --------------------------------
+
+def _final_state(ws) -> dict[str, torch.Tensor]:
+    """Weights, optimizer state and EMA of the newest checkpoint, flat."""
+    from job.train.checkpoints import CheckpointStore
+
+    folder = CheckpointStore(ws.checkpoints_dir).latest()
+    state = {f"w.{k}": v for k, v in trained_state(folder).items()}
+    for index, values in torch.load(folder / "optimizer.pt", weights_only=True)["state"].items():
+        for key, value in values.items():
+            state[f"opt.{index}.{key}"] = torch.as_tensor(value)
+    if (folder / "ema.pt").is_file():
+        for i, t in enumerate(torch.load(folder / "ema.pt", weights_only=True)["shadow_params"]):
+            state[f"ema.{i}"] = t
+    return state
+
+
+@pytest.mark.parametrize("case", [
+    # fp32 weights, clipping by norm from the norms taken as gradients are sent back, EMA
+    dict(train={"optimizer": "adamw", "max_grad_norm": 0.05, "use_ema": True, "ema": {"decay": 0.9}}),
+    # bf16 weights, stochastic rounding, 2 micro-batches (the norm of the CPU sums), clipping by value
+    dict(model={"base_model_precision": "bf16"},
+         train={"optimizer": "adamw_bf16", "gradient_accumulation_steps": 2, "max_grad_norm": 0.01, "grad_clip_method": "value"}),
+    # no clipping; a threshold never reached (the coefficient is exactly 1)
+    dict(train={"optimizer": "adamw", "max_grad_norm": 0.0}),
+    dict(train={"optimizer": "adamw", "max_grad_norm": 1000.0}),
+])
+def test_background_optimizer_step_is_bitwise_the_synchronous_one(tmp_path, tiny_model, monkeypatch, case):
+    """The trainer with group offload, its CPU step in the background (stopped after 3 steps, resumed to
+    6, a checkpoint in between), against the same job stepping synchronously: the same bits."""
+    import job.train.session as session_mod
+    from train_helpers import make_spec, write_caches
+
+    def job(folder, steps):
+        model = {"pretrained_model_name_or_path": str(tiny_model), "base_model_precision": "fp32",
+                 "prompt": {"max_sequence_length": 8}, **case.get("model", {})}
+        train = {"max_train_steps": steps, "learning_rate": 1e-3, "lr_scheduler": "constant_with_warmup",
+                 "lr_warmup_steps": 3, **case["train"]}
+        spec = make_spec(spec_dict(folder, tiny_model, model=model, train=train, checkpoints={"step_interval": 2},
+                                   memory={"gradient_checkpointing": True, "group_offload": {"enabled": True}}))
+        return spec, write_caches(spec, n_samples=3)
+
+    spec, ws = job(tmp_path / "resumed", 3)
+    assert run_train(spec, ws).step == 3
+    spec, ws = job(tmp_path / "resumed", 6)
+    result = run_train(spec, ws)
+    assert result.status == "completed" and result.step == 6
+    got = _final_state(ws)
+
+    with monkeypatch.context() as m:
+        m.setattr(session_mod, "step_in_background", lambda optimizer, offload: optimizer)
+        spec, ws = job(tmp_path / "sync", 6)
+        assert run_train(spec, ws).step == 6
+    ref = _final_state(ws)
+    assert set(ref) == set(got)
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, different[:5]
+
+
+class _GatedAdamW(torch.optim.AdamW):
+    """AdamW whose steps wait for `gate` (the test opens it)."""
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        import threading
+
+        self.gate = threading.Event()
+        self.fail = False
+
+    def step(self, closure=None):
+        self.gate.wait()
+        if self.fail:
+            raise ValueError("broken update")
+        return super().step(closure)
+
+
+def _offloaded_with_background_step(tiny_model):
+    from job.train.offload import BackgroundStepOptimizer
+
+    model = _transformer(tiny_model)
+    offload = apply_group_offload(model, type("G", (), dict(type="block_level", blocks_per_group=1, use_stream=False))(), "cpu")
+    inner = _GatedAdamW([p for p in model.parameters()], lr=1e-2)
+    return model, offload, BackgroundStepOptimizer(inner, offload)
+
+
+def test_background_step_returns_before_the_update_and_readers_wait_for_it(tiny_model):
+    import threading
+
+    model, offload, opt = _offloaded_with_background_step(tiny_model)
+    _loss_and_grads(model, _inputs())
+    params = list(model.parameters())
+    assert opt.clip_gradients(params, 0.5, "norm") == float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.step()  # on this CPU run every parameter is left to the worker, which waits for the gate
+    assert offload.pending_step is not None
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    threading.Timer(0.2, opt.inner.gate.set).start()
+    after = model.state_dict()  # waits for the whole step
+    assert all(not torch.equal(after[n], before[n]) for n, _ in model.named_parameters())
+    assert all(p.grad is None for p in params)  # applied, so consumed by the step
+    opt.wait()
+    assert offload.pending_step is None
+
+
+def test_an_error_in_the_background_step_reaches_the_training_thread(tiny_model):
+    model, offload, opt = _offloaded_with_background_step(tiny_model)
+    _loss_and_grads(model, _inputs())
+    opt.inner.gate.set()
+    opt.inner.fail = True
+    opt.step()
+    with pytest.raises(RuntimeError, match="broken update"):
+        model(**_inputs(), return_dict=False)  # the next forward waits for the step, and fails with it
+    with pytest.raises(RuntimeError, match="broken update"):
+        opt.state_dict()
+
+
+def test_zero_grad_after_a_skipped_step_clears_the_offloaded_gradients(tiny_model):
+    """The NaN guard skips a step with zero_grad alone: those gradients must not leak into the next step."""
+    model, offload, opt = _offloaded_with_background_step(tiny_model)
+    opt.inner.gate.set()
+    _loss_and_grads(model, _inputs())
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # right after a step: the worker consumes the gradients
+    model(**_inputs(1), return_dict=False)[0].square().mean().backward()  # its forward waits for the step
+    opt.clip_gradients(list(model.parameters()), 1.0, "norm")
+    opt.zero_grad(set_to_none=True)  # a skipped step
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_group_is_released_as_soon_as_its_own_update_is_done(tiny_model):
+    """A block's next forward waits for its group only: group k's "stepped" flag is set once k is updated,
+    while the groups after it are still untouched."""
+    import threading
+
+    model, offload, opt = _offloaded_with_background_step(tiny_model)
+    opt.inner.gate.set()
+    tokens = threading.Semaphore(0)  # one update of a segment per token
+    inner_step = opt.inner.step
+    opt.inner.step = lambda closure=None: (tokens.acquire(), inner_step())[1]
+    _loss_and_grads(model, _inputs())
+    before = [[p.detach().clone() for p in params] for _, params in opt.segments]
+    opt.step()
+    pending = offload.pending_step
+    seen: dict = {}
+    for i, (key, params) in enumerate(opt.segments):
+        tokens.release()
+        event = pending.events_by_group[key][seen.get(key, 0)]
+        seen[key] = seen.get(key, 0) + 1
+        assert event.wait(10)
+        if key is not None:
+            offload.wait_stepped(key)  # returns: its group is done
+        assert all(not torch.equal(p, b) for p, b in zip(params, before[i]))
+        later = [(q, b) for (_, ps), bs in zip(opt.segments[i + 1:], before[i + 1:]) for q, b in zip(ps, bs)]
+        assert all(torch.equal(q, b) for q, b in later)
+    opt.wait()
+
+
+def test_optimizers_that_count_steps_per_group_step_synchronously(tiny_model):
+    """torch-optimi's AdamW keeps its step count in the parameter group: stepping a group's parameters in
+    parts would count several steps, so it is left as it is (a synchronous step)."""
+    optimi = pytest.importorskip("optimi")
+    from job.train.offload import BackgroundStepOptimizer, step_in_background
+
+    model = _transformer(tiny_model)
+    offload = apply_group_offload(model, type("G", (), dict(type="block_level", blocks_per_group=1, use_stream=False))(), "cpu")
+    plain = optimi.AdamW(list(model.parameters()), lr=1e-3)
+    assert step_in_background(plain, offload) is plain
+    assert isinstance(step_in_background(torch.optim.AdamW(list(model.parameters()), lr=1e-3), offload), BackgroundStepOptimizer)
