@@ -11,7 +11,8 @@ a full fine-tune and for LoRA (rank 64 on attention):
   flow-matching MSE, clipping (what the issue measured as "plain diffusers");
 - the job's path: the same weights through `job.train.model.prepare_transformer(model, spec)` (LoRA,
   checkpointing and the `speed:` section) and the session pieces `build_session` uses (accelerate,
-  `build_optimizer`, `build_scheduler`, `FlowMatchingObjective`), stepped by
+  `build_optimizer` with the spec's default optimizer unless `--optimizer` or a variant says otherwise,
+  `build_scheduler`, `FlowMatchingObjective`), stepped by
   `job.train.step.train_step` itself, fed CPU batches shaped like the latent cache's;
 
 and prints step time (median of >= 10 after warm-up), peak memory, model-FLOP utilisation against
@@ -48,9 +49,13 @@ import torch  # noqa: E402
 GIB = 1024 ** 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
-#: job variants of the full fine-tune: name -> `speed:` section (the first is the default spec)
+#: job variants of the full fine-tune: name -> `speed:` section, plus `mixed_precision` / `optimizer` of `train:`
+#: where a variant sets them (otherwise: the spec's default optimizer, `--optimizer` to override). The first is the default spec.
 FULL_VARIANTS = {
     "job-default": {"mixed_precision": "bf16"},  # the spec's defaults: bf16 autocast over bf16 weights, speed: defaults
+    "job-ff-diffusers": {"mixed_precision": "bf16", "feedforward": "diffusers"},  # the defaults but diffusers' feed-forward
+    "job-default-adamw": {"mixed_precision": "bf16", "optimizer": "adamw"},  # the defaults with torch fused AdamW (as plain)
+    "job-ff-diffusers-adamw": {"mixed_precision": "bf16", "feedforward": "diffusers", "optimizer": "adamw"},
     "job-bf16-no-autocast": {},  # train.mixed_precision 'no' as the plain path: compile is skipped (NaN, see NOTES)
     "job-no-speedups": {"compile_blocks": False, "linear_attention": "diffusers", "keep_activations_blocks": 0},
     "job-fused-attn-only": {"compile_blocks": False},
@@ -63,7 +68,8 @@ FULL_VARIANTS = {
     "job-autocast-keep12": {"mixed_precision": "bf16", "keep_activations_blocks": 12},
     "job-autocast-no-speedups": {"mixed_precision": "bf16", "compile_blocks": False, "linear_attention": "diffusers"},
 }
-LORA_VARIANTS = {"job-lora-default": {}, "job-lora-keep8": {"keep_activations_blocks": 8}}
+LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward": "diffusers"},
+                 "job-lora-keep8": {"keep_activations_blocks": 8}}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -196,6 +202,7 @@ def make_spec(kind: str, speed: dict, args):
 
     speed = dict(speed)
     mixed_precision = speed.pop("mixed_precision", "no" if kind == "full" else "bf16")
+    optimizer = speed.pop("optimizer", args.optimizer)  # None: the spec's default (what a job runs)
 
     data = {
         "version": 1, "workspace": tempfile.mkdtemp(prefix="bench-ws-"),
@@ -204,9 +211,9 @@ def make_spec(kind: str, speed: dict, args):
         "data": {"datasets": [{"id": "clips", "source": "clips", "resolution_type": "pixel_area",
                                "video": {"num_frames": args.frames}}]},
         # full: bf16 weights computing in bf16 (the issue's plain path); LoRA: fp32 adapters under bf16 autocast
-        "train": {"mixed_precision": mixed_precision, "optimizer": "adamw", "learning_rate": 1e-5,
+        "train": {"mixed_precision": mixed_precision, "learning_rate": 1e-5,
                   "train_batch_size": args.batch, "max_train_steps": 1000, "caption_dropout_probability": 0.0,
-                  "lr_scheduler": "constant"},
+                  "lr_scheduler": "constant", **({"optimizer": optimizer} if optimizer else {})},
         "memory": {"gradient_checkpointing": True},
         "speed": speed,
         "validation": {"enabled": False},
@@ -372,6 +379,9 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
     for i, (name, speed) in enumerate(variants.items()):
         job = None
         try:
+            # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
+            # the block's forward is one) is reached after a few variants and later ones silently run eagerly
+            torch._dynamo.reset()
             torch.manual_seed(0)
             model = build_model(args.tiny)
             model.load_state_dict(weights)
@@ -381,8 +391,9 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
                 res.update(timed(job.step, args.warmup, args.iters))
             except Exception as exc:  # noqa: BLE001 - keep the numerics of a variant whose steps fail
                 res["error"] = f"{type(exc).__name__}: {exc}"
-            if args.profile and name == "job-default" and kind == "full":
-                res["profile_top"] = profile_table(job.step, args.out.parent / "profile_job.txt")
+            if args.profile and name in ("job-default", "job-ff-diffusers") and kind == "full":
+                file = "profile_job.txt" if name == "job-default" else f"profile_{name}.txt"
+                res["profile_top"] = profile_table(job.step, args.out.parent / file)
             record(name, res)
         except Exception as exc:  # noqa: BLE001
             record(name, {"speed": speed, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
@@ -396,6 +407,7 @@ def run_validation(args, results: dict, save):
     from job.spec.speed import SpeedSpec
 
     section = results.setdefault("validation", {})
+    torch._dynamo.reset()  # see run_training: the training variants' compiled graphs count towards the recompile limit
     torch.manual_seed(0)
     model = build_model(args.tiny).eval()
     sh = shapes(argparse.Namespace(**{**vars(args), "batch": 2}), model)
@@ -468,6 +480,7 @@ def main(argv=None) -> int:
     p.add_argument("--full-variants", default=",".join(FULL_VARIANTS), help="comma list of " + ", ".join(FULL_VARIANTS))
     p.add_argument("--lora-variants", default=",".join(LORA_VARIANTS), help="comma list of " + ", ".join(LORA_VARIANTS))
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one plain and one job step (full)")
+    p.add_argument("--optimizer", default=None, help="train.optimizer of the job variants (default: the spec's default)")
     args = p.parse_args(argv)
     if args.tiny:
         args.frames, args.height, args.width, args.text_len = min(args.frames, 9), min(args.height, 64), min(args.width, 96), 8
@@ -507,6 +520,9 @@ def print_table(results: dict) -> None:
             mfu = r.get("mfu_vs_matmul_peak")
             print(f"| {kind}/{name} | {r['median_s']:.3f} s | {r['peak_gib']:.1f} | {r.get('speedup_vs_plain', 1.0):.2f} | "
                   f"{'' if mfu is None else f'{mfu:.0%}'} | {r.get('loss_rel_err', 0):.2e} | {r.get('grad_norm_rel_err', 0):.2e} |")
+    for name, r in results.get("full", {}).items():
+        if r.get("profile_top"):  # the head of the torch.profiler table (self CUDA time), full file next to the JSON
+            print(f"\nprofile of one step, full/{name}:\n" + "\n".join(r["profile_top"]))
     v = results.get("validation", {})
     for name in ("plain", "job"):
         if name in v:

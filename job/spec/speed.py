@@ -25,6 +25,15 @@ class SpeedSpec(Section):
         "strided rotary writes and layout copies (it keeps token-major layout, normaliser in fp32; fuses well under compile). "
         "`diffusers`: the stock `SanaLinearAttnProcessor3_0`.",
     )
+    feedforward: Literal["fused", "diffusers"] = Field(
+        "fused",
+        description="Feed-forward (GLUMBTempConv) implementation. `fused`: the same function with the module's own "
+        "weights, kept in token-major (B, F, H, W, C) layout: 1x1 convs as GEMMs, the temporal conv as matmuls over channels "
+        "(no NCHW permutes). Runs inside compiled blocks (speed.compile_blocks); eagerly diffusers' forward runs (it was "
+        "faster there). Modules it cannot reproduce "
+        "exactly (LoRA- or quantisation-wrapped convs, hooks; memory.group_offload type leaf_level) keep diffusers' forward. "
+        "`diffusers`: the stock forward (cuDNN convolutions).",
+    )
     keep_activations_blocks: int = Field(
         0,
         ge=0,

@@ -167,3 +167,162 @@ def test_validation_pipeline_gets_the_speedups(tiny_model):
 def test_speed_spec_rejects_a_negative_block_count():
     with pytest.raises(ValueError):
         SpeedSpec(keep_activations_blocks=-1)
+
+
+# --------------------------------------------------------------------------- channels-last feed-forward
+
+def _glumb(residual: bool = False, norm_type=None, channels: int = 12):
+    from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
+
+    torch.manual_seed(1)
+    ff = GLUMBTempConv(channels, channels, 2.5, norm_type=norm_type, residual_connection=residual).double()
+    with torch.no_grad():  # a non-trivial temporal conv and depthwise bias (diffusers' init is random too)
+        for p in ff.parameters():
+            p.normal_(0, 0.3)
+    return ff
+
+
+def _ff_grads(forward, ff, x, grad_out):
+    x = x.clone().requires_grad_(True)
+    ff.zero_grad(set_to_none=True)
+    out = forward(x)
+    out.backward(grad_out)
+    return out.detach(), {"input": x.grad, **{n: p.grad.clone() for n, p in ff.named_parameters()}}
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("depthwise,temporal", [("conv", "one"), ("conv", "three"), ("shifted", "one"), ("shifted", "three")])
+def test_fused_feedforward_matches_diffusers_in_float64(depthwise, temporal, residual, frames):
+    ff = _glumb(residual)
+    g = torch.Generator().manual_seed(frames)
+    x = torch.randn(2, frames, 3, 5, 12, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ref_out, ref_grads = _ff_grads(ff, ff, x, grad_out)
+    out, grads = _ff_grads(lambda t: speed_mod.glumb_forward_channels_last(ff, t, depthwise, temporal), ff, x, grad_out)
+    assert out.shape == ref_out.shape and _rel(out, ref_out) < 1e-10
+    assert grads.keys() == ref_grads.keys() and len(grads) == 7  # input + 4 weights + 2 biases
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) < 1e-10, name
+
+
+def _compile_blocks_aot_eager(model):
+    """What `compile_blocks` does on CUDA, with the aot_eager backend: dynamo and autograd tracing as on
+    the GPU (the fused feed-forward runs only under compile), no inductor code generation."""
+    torch._dynamo.reset()
+    for block in model.transformer_blocks:
+        block.compile(backend="aot_eager")
+
+
+def test_fused_feedforward_in_the_compiled_transformer_matches_and_keeps_the_state_dict(monkeypatch):
+    plain = _model()
+    fast = copy.deepcopy(plain)
+    keys_before = list(fast.state_dict())
+    assert speed_mod.use_fused_feedforward(fast) == (3, [])
+    assert speed_mod.use_fused_feedforward(fast) == (0, [])  # idempotent
+    calls = []
+    real = speed_mod.glumb_forward_channels_last
+    monkeypatch.setattr(speed_mod, "glumb_forward_channels_last", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, eager_grads = _loss_and_grads(fast)
+    assert calls == []  # eagerly diffusers' forward runs (measured faster without compile)
+    _compile_blocks_aot_eager(fast)
+    loss_p, grads_p = _loss_and_grads(plain)
+    loss_f, grads_f = _loss_and_grads(fast)
+    assert len(calls) >= 1  # traced into the compiled blocks' graph
+    assert abs(float(loss_f - loss_p)) <= 1e-10 * float(loss_p)
+    assert grads_p.keys() == grads_f.keys() == eager_grads.keys()
+    for name in grads_p:
+        assert _rel(grads_f[name], grads_p[name]) < 1e-10, name
+    state = fast.state_dict()
+    assert list(state) == keys_before == list(plain.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    for block in fast.transformer_blocks:  # undo: back to diffusers' forward
+        del block.ff.forward
+        assert not speed_mod.feedforward_fused(block.ff)
+
+
+def test_fused_feedforward_leaves_adapters_hooks_and_norms_alone(tiny_model):
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from job.train import lora as lora_mod
+
+    model = _model(torch.float32, layers=3)
+    lora_mod.add_lora(model, SimpleNamespace(rank=2, alpha=None, dropout=0.0, target_modules=["conv_inverted"]))
+    assert type(model.transformer_blocks[0].ff.conv_inverted) is not torch.nn.Conv2d  # peft wrapped it
+    patched, skipped = speed_mod.use_fused_feedforward(model)
+    assert patched == 0 and len(skipped) == 3
+    assert all("conv_inverted" in why and "not a plain nn.Conv2d" in why for why in skipped)
+    assert not any(speed_mod.feedforward_fused(b.ff) for b in model.transformer_blocks)
+
+    hooked = _model(torch.float32, layers=2)
+    HookRegistry.check_if_exists_or_initialize(hooked.transformer_blocks[1].ff.conv_temp).register_hook(ModelHook(), "probe")
+    assert speed_mod.use_fused_feedforward(hooked)[0] == 1
+    assert not speed_mod.feedforward_fused(hooked.transformer_blocks[1].ff)
+
+    assert "norm_type" in speed_mod.feedforward_unfusable(_glumb(norm_type="rms_norm"))
+
+
+def test_a_conv_wrapped_after_patching_runs_its_wrapper():
+    """An offload-style wrapper put on a conv after the patch (it swaps weights inside the conv's own
+    forward) is honoured, also when compiled: diffusers' forward runs, which calls the conv."""
+    ff = _glumb()
+    x = torch.randn(1, 3, 2, 4, 12, dtype=torch.float64)
+    ref = ff(x)
+    ff.forward = speed_mod.types.MethodType(speed_mod._fused_forward, ff)
+    calls = []
+    conv = ff.conv_point
+    conv.forward = lambda t: calls.append(1) or torch.nn.Conv2d.forward(conv, t)
+    torch._dynamo.reset()
+    assert _rel(torch.compile(ff, backend="aot_eager")(x), ref) < 1e-12 and calls
+
+
+def test_fused_feedforward_with_block_level_offload_matches(tiny_model):
+    """`block_level` group offload swaps a block's parameters in for the block's call (and compiles the
+    blocks' own forwards, as training does on CUDA); the fused forward reads them at call time, so it
+    computes with the onloaded copies and the gradients go back to the parameters."""
+    from diffusers import SanaVideoTransformer3DModel
+
+    from job.train.offload import apply_group_offload
+
+    plain = SanaVideoTransformer3DModel.from_pretrained(tiny_model / "transformer").float().train()
+    plain.enable_gradient_checkpointing()
+    fast = copy.deepcopy(plain)
+    assert speed_mod.use_fused_feedforward(fast)[0] == len(fast.transformer_blocks)
+    offload = apply_group_offload(fast, SimpleNamespace(type="block_level", blocks_per_group=1, use_stream=True), "cpu")
+    torch._dynamo.reset()
+    offload.compile_blocks(backend="aot_eager")
+    calls = []
+    real = speed_mod.glumb_forward_channels_last
+    speed_mod.glumb_forward_channels_last = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        loss_p, grads_p = _loss_and_grads(plain, torch.float32)
+        loss_f, grads_f = _loss_and_grads(fast, torch.float32)
+    finally:
+        speed_mod.glumb_forward_channels_last = real
+    assert calls
+    assert abs(float(loss_f - loss_p)) <= 1e-5 * float(loss_p)
+    assert grads_p.keys() == grads_f.keys()
+    for name in grads_p:
+        assert _rel(grads_f[name], grads_p[name]) < 1e-4, name
+
+
+def test_feedforward_switch_in_training_and_validation(tmp_path, tiny_model, caplog):
+    model = _model(torch.float32, layers=2)
+    prepare_transformer(model, _spec(tmp_path, tiny_model))  # the default: fused
+    assert all(speed_mod.feedforward_fused(b.ff) for b in model.transformer_blocks)
+    model = _model(torch.float32, layers=2)
+    prepare_transformer(model, _spec(tmp_path, tiny_model, speed={"feedforward": "diffusers"}))
+    assert not any("forward" in b.ff.__dict__ for b in model.transformer_blocks)
+    model = _model(torch.float32, layers=2)
+    spec = _spec(tmp_path, tiny_model, memory={"gradient_checkpointing": True,
+                                               "group_offload": {"enabled": True, "type": "leaf_level"}})
+    prepare_transformer(model, spec)
+    assert not any(speed_mod.feedforward_fused(b.ff) for b in model.transformer_blocks)
+    assert "leaf_level" in caplog.text
+    model = _model(torch.float32, layers=1).eval()
+    assert speed_mod.apply_inference_speedups(model, SimpleNamespace(linear_attention="diffusers", compile_blocks=False,
+                                                                     feedforward="diffusers")) == []
+    assert not speed_mod.feedforward_fused(model.transformer_blocks[0].ff)
+    applied = speed_mod.apply_inference_speedups(model, SpeedSpec(compile_blocks=False, linear_attention="diffusers"))
+    assert [a for a in applied if a.startswith("channels-last feed-forward (1 blocks")]
+    assert speed_mod.feedforward_fused(model.transformer_blocks[0].ff)

@@ -10,6 +10,12 @@ how the diffusers `SanaVideoTransformer3DModel` runs, never what it computes:
   copies each to fp32 separately), with the normaliser computed in fp32 (diffusers: bf16). Under
   `torch.compile` the ReLU, rotary and fp32 casts fuse into the producers of the two small
   fp32 matrix products.
+- `feedforward: fused` binds a channels-last forward to each block's `GLUMBTempConv` (same
+  parameters, same function): its 1x1 convs become plain GEMMs on the (..., C) tokens, the depthwise
+  3x3 cuDNN's NHWC kernel on a channels-last view, and the temporal (3, 1)
+  conv matmuls over channels, with none of diffusers' NCHW / (B, C, F, HW) permutes. It runs inside
+  compiled blocks only (eagerly diffusers' forward was faster). Modules it does not reproduce
+  exactly (adapters or quantised convs, hooks, `norm_type`) keep diffusers' forward.
 - `compile_blocks` compiles each transformer block (regional compile: all blocks share one
   compiled graph; only CUDA, where inductor's kernels pay off).
 - `keep_activations_blocks` checkpoints all but the last N blocks (selective checkpointing),
@@ -19,6 +25,7 @@ how the diffusers `SanaVideoTransformer3DModel` runs, never what it computes:
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +157,188 @@ def selective_checkpointing(transformer, keep_last: int) -> int:
     return len(blocks) - keep_last
 
 
+# --------------------------------------------------------------------------- channels-last feed-forward
+
+#: How the fused feed-forward computes its depthwise 3x3 and its temporal (3, 1) conv; every variant computes
+#: the same function. Chosen by the H100 microbenchmark (bench/ff_microbench.py, bench/NOTES.md; one block's
+#: FF fwd+bwd at 32,760 tokens, compiled): "conv" (cuDNN on the NHWC view) 21.0 ms vs "shifted" (9 shifted
+#: slices, which inductor fuses with SiLU and the gate, but its weight-gradient reduction is slow) 26.4 ms;
+#: temporal "one" (one matmul to 3C channels + a shifted sum over frames) 21.0 ms vs "three" (three shifted
+#: matmuls) 21.3 ms; diffusers' forward compiled 21.6 ms.
+FF_DEPTHWISE = "conv"
+FF_TEMPORAL = "one"
+
+
+def _depthwise3x3_shifted(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise 3x3 cross-correlation, zero padding 1, on (N, H, W, C): the sum of nine shifted slices
+    times per-channel weights. Accumulated in at least float32 (cuDNN accumulates in float32 too); one
+    rounding to `u`'s dtype at the end."""
+    n, h, w, c = u.shape
+    acc_dtype = torch.promote_types(u.dtype, torch.float32)
+    taps = weight.reshape(c, 9).t().to(acc_dtype)  # (9, C): tap (i, j) is row 3 * i + j
+    padded = F.pad(u, (0, 0, 1, 1, 1, 1))
+    out = bias.to(acc_dtype) if bias is not None else None
+    for i in range(3):
+        for j in range(3):
+            term = padded[:, i:i + h, j:j + w, :] * taps[3 * i + j]
+            out = term if out is None else out + term
+    return out.to(u.dtype)
+
+
+def _depthwise3x3_conv(u: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The same through `F.conv2d` on the channels-last NCHW view of (N, H, W, C) (no copy): cuDNN's
+    NHWC depthwise kernels; back to (N, H, W, C) as a view (the output is channels-last too)."""
+    out = F.conv2d(u.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=1, groups=conv.groups)
+    return out.permute(0, 2, 3, 1)
+
+
+def _temporal_conv_plus_identity(p: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
+    """p + conv_temp(p) over frames, on (B, F, HW, C): out[f] = p[f] + W0 p[f-1] + W1 p[f] + W2 p[f+1]
+    (zero outside the clip), with W_k = weight[:, :, k, 0] (C_out, C_in)."""
+    taps = weight[..., 0].permute(2, 0, 1)  # (3, C_out, C_in)
+    if how == "one":
+        c = taps.shape[1]
+        q = F.linear(p, taps.reshape(3 * c, -1)).unflatten(-1, (3, c))  # (B, F, HW, 3, C)
+        prev = F.pad(q[:, :-1, :, 0], (0, 0, 0, 0, 1, 0))  # W0 p[f-1]; zero at f = 0
+        nxt = F.pad(q[:, 1:, :, 2], (0, 0, 0, 0, 0, 1))  # W2 p[f+1]; zero at f = F-1
+        return p + (q[:, :, :, 1] + prev + nxt)
+    if how == "three":
+        centre = F.linear(p, taps[1])
+        prev = F.pad(F.linear(p[:, :-1], taps[0]), (0, 0, 0, 0, 1, 0))
+        nxt = F.pad(F.linear(p[:, 1:], taps[2]), (0, 0, 0, 0, 0, 1))
+        return p + (centre + prev + nxt)
+    raise ValueError(f"unknown temporal variant {how!r}")
+
+
+def glumb_forward_channels_last(ff, hidden_states: torch.Tensor, depthwise: str | None = None,
+                                temporal: str | None = None) -> torch.Tensor:
+    """What diffusers' `GLUMBTempConv.forward` computes, on (B, F, H, W, C) tokens without leaving
+    that layout, with `ff`'s own parameters: the 1x1 convs as `F.linear` (plain GEMMs on the (..., C)
+    tensor instead of cuDNN implicit GEMMs and their NCHW views), the depthwise 3x3 on NHWC, and the
+    temporal conv as matmuls over the channel axis (no (B, C, F, HW) permutes)."""
+    depthwise, temporal = depthwise or FF_DEPTHWISE, temporal or FF_TEMPORAL
+    b, f, h, w, c = hidden_states.shape
+    residual = hidden_states
+    conv_in, conv_depth, conv_point = ff.conv_inverted, ff.conv_depth, ff.conv_point
+    u = F.linear(hidden_states, conv_in.weight.flatten(1), conv_in.bias)  # (B, F, H, W, 2 * hidden)
+    u = ff.nonlinearity(u).view(b * f, h, w, -1)
+    if depthwise == "shifted":
+        d = _depthwise3x3_shifted(u, conv_depth.weight, conv_depth.bias)
+    elif depthwise == "conv":
+        d = _depthwise3x3_conv(u, conv_depth)
+    else:
+        raise ValueError(f"unknown depthwise variant {depthwise!r}")
+    x, gate = d.chunk(2, dim=-1)
+    x = x * ff.nonlinearity(gate)
+    p = F.linear(x, conv_point.weight.flatten(1), conv_point.bias).reshape(b, f, h * w, c)
+    out = _temporal_conv_plus_identity(p, ff.conv_temp.weight, temporal).view(b, f, h, w, c)
+    if ff.residual_connection:
+        out = out + residual
+    return out
+
+
+_FF_CONVS = ("conv_inverted", "conv_depth", "conv_point", "conv_temp")
+
+
+def _wrapped(module: torch.nn.Module) -> bool:
+    """A forward replaced on the instance (diffusers hooks, the trainer's leaf-level offload wrapper)."""
+    return "forward" in module.__dict__ or getattr(module, "_diffusers_hook", None) is not None
+
+
+def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Bound as the `forward` of a `GLUMBTempConv` instance by `use_fused_feedforward`.
+
+    Only under torch.compile: eagerly its unfused elementwise passes made it slower than diffusers'
+    forward (H100 fwd+bwd 26.1 vs 25.0 ms per block), so eager runs (CPU, compile off or skipped)
+    keep diffusers' forward. Also diffusers' forward when a conv was wrapped after patching (hooks or
+    offload wrappers swap or move its weights inside its own forward, which must run); under compile
+    that is decided when the block is traced (compile is not combined with such wrappers, see
+    `compile_available` and `apply_training_speedups`)."""
+    if not torch.compiler.is_compiling() or any(_wrapped(getattr(self, name)) for name in _FF_CONVS):
+        return type(self).forward(self, hidden_states)
+    return glumb_forward_channels_last(self, hidden_states)
+
+
+def _plain_conv(conv, kernel: tuple[int, int], padding: tuple[int, int], groups: int | None = None) -> str | None:
+    if type(conv) is not torch.nn.Conv2d:
+        return f"{type(conv).__name__} (an adapter or quantised layer, not a plain nn.Conv2d)"
+    if _wrapped(conv):
+        return "its forward is wrapped (hooks / offload)"
+    for t in (conv.weight, conv.bias):
+        if t is not None and type(t.detach()) is not torch.Tensor:
+            return f"its parameters are {type(t.detach()).__name__} (a tensor subclass)"
+    if (tuple(conv.kernel_size), tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation), conv.padding_mode) != \
+            (kernel, padding, (1, 1), (1, 1), "zeros"):
+        return f"kernel {conv.kernel_size} padding {conv.padding} stride {conv.stride} is not diffusers' layout"
+    if conv.groups != (groups or 1):
+        return f"groups {conv.groups}"
+    return None
+
+
+def feedforward_unfusable(ff) -> str | None:
+    """Why the fused forward would not compute what this feed-forward module computes (None: it would)."""
+    if type(ff).__name__ != "GLUMBTempConv":
+        return f"{type(ff).__name__} is not diffusers' GLUMBTempConv"
+    if ff.norm_type is not None:  # diffusers' rms_norm branch normalises over the frame axis: not reproduced
+        return f"norm_type {ff.norm_type!r}"
+    if _wrapped(ff):
+        return "its forward is already replaced (hooks or another patch)"
+    for name in _FF_CONVS:
+        if type(getattr(ff, name)) is not torch.nn.Conv2d:
+            return f"{name}: {type(getattr(ff, name)).__name__} (an adapter or quantised layer, not a plain nn.Conv2d)"
+    hidden2 = ff.conv_inverted.out_channels
+    checks = {"conv_inverted": ((1, 1), (0, 0), 1), "conv_depth": ((3, 3), (1, 1), hidden2),
+              "conv_point": ((1, 1), (0, 0), 1), "conv_temp": ((3, 1), (1, 0), 1)}
+    for name, (kernel, padding, groups) in checks.items():
+        why = _plain_conv(getattr(ff, name), kernel, padding, groups)
+        if why is not None:
+            return f"{name}: {why}"
+    if ff.conv_temp.bias is not None:
+        return "conv_temp has a bias"
+    if ff.conv_depth.out_channels != hidden2 or ff.conv_point.in_channels * 2 != hidden2 or \
+            ff.conv_temp.in_channels != ff.conv_point.out_channels or ff.conv_temp.out_channels != ff.conv_point.out_channels:
+        return "channel counts differ from diffusers' layout"
+    if ff.residual_connection and ff.conv_inverted.in_channels != ff.conv_point.out_channels:
+        return "residual connection with different in/out channels"
+    return None
+
+
+def _feedforwards(transformer):
+    return [block.ff for block in transformer.transformer_blocks]
+
+
+def feedforward_fused(ff) -> bool:
+    return getattr(ff.__dict__.get("forward"), "__func__", None) is _fused_forward
+
+
+def use_fused_feedforward(transformer) -> tuple[int, list[str]]:
+    """Bind the channels-last forward to every block's `GLUMBTempConv` it reproduces exactly.
+
+    Per instance: the module, its parameters and its state dict stay diffusers' own (checkpoints,
+    LoRA saving and export are unchanged); `del block.ff.forward` undoes it. Returns how many were
+    patched and, for the others, why not."""
+    patched, skipped = 0, []
+    for i, ff in enumerate(_feedforwards(transformer)):
+        if feedforward_fused(ff):
+            continue
+        why = feedforward_unfusable(ff)
+        if why is not None:
+            skipped.append(f"transformer_blocks.{i}.ff: {why}")
+            continue
+        ff.forward = types.MethodType(_fused_forward, ff)
+        patched += 1
+    return patched, skipped
+
+
+def _apply_fused_feedforward(transformer, applied: list[str]) -> None:
+    patched, skipped = use_fused_feedforward(transformer)
+    if patched:
+        applied.append(f"channels-last feed-forward ({patched} blocks, runs inside compiled blocks)")
+    if skipped:
+        log.info("speed.feedforward: diffusers' forward kept for %d module(s): %s%s", len(skipped), "; ".join(skipped[:3]),
+                 " ..." if len(skipped) > 3 else "")
+
+
 # --------------------------------------------------------------------------- entry points
 
 def apply_training_speedups(transformer, spec) -> list[str]:
@@ -158,6 +347,15 @@ def apply_training_speedups(transformer, spec) -> list[str]:
     speed, applied = spec.speed, []
     if speed.linear_attention == "fused" and use_fused_linear_attention(transformer):
         applied.append("fused linear attention")
+    if speed.feedforward == "fused":
+        offload = spec.memory.group_offload
+        if offload.enabled and offload.type == "leaf_level":
+            # the leaf wrappers (added after this call) swap each conv's weights in inside the conv's own
+            # forward, which the fused feed-forward does not call
+            log.info("speed.feedforward: diffusers' feed-forward kept: memory.group_offload.type leaf_level "
+                     "moves each conv's weights inside that conv's forward")
+        else:
+            _apply_fused_feedforward(transformer, applied)
     if spec.memory.gradient_checkpointing and speed.keep_activations_blocks > 0:
         recomputed = selective_checkpointing(transformer, speed.keep_activations_blocks)
         applied.append(f"selective checkpointing ({recomputed} of {len(transformer.transformer_blocks)} blocks recomputed)")
@@ -186,6 +384,8 @@ def apply_inference_speedups(transformer, speed) -> list[str]:
     applied = []
     if speed.linear_attention == "fused" and use_fused_linear_attention(transformer):
         applied.append("fused linear attention")
+    if getattr(speed, "feedforward", "diffusers") == "fused":
+        _apply_fused_feedforward(transformer, applied)
     if speed.compile_blocks and not _blocks_compiled(transformer):
         ok, why = compile_available(transformer)
         if ok:
