@@ -1133,7 +1133,7 @@ def load_mask(sample, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
     """A sample's mask at latent resolution: float [1, F', H', W'] in [0, 1] (1 = counts in the loss).
 
     The mask file (an image: the same mask for every frame; or a video: the same window as the
-    clip) gets the clip's crop and resize; white is 1, or, for an image with transparency, opaque. Each latent frame averages its pixel frames
+    clip) gets the clip's crop and resize; white is 1, or, for an image or video with transparency, opaque. Each latent frame averages its pixel frames
     (the first alone, then groups of `temporal`), each latent pixel its `spatial` x `spatial` block.
     """
     import numpy as np
@@ -1154,7 +1154,7 @@ def load_mask(sample, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
             frame = np.asarray(gray.resize((w, h), Image.Resampling.BOX, box=box), dtype=np.float32) / 255.0
         pixels = torch.from_numpy(frame)[None].expand(sample.num_frames, h, w)
     else:
-        from job.data.decode import Window, decode_window
+        from job.data.decode import Window, decode_window, has_alpha
         from job.data.probe import probe_video
 
         meta = probe_video(path)
@@ -1166,8 +1166,13 @@ def load_mask(sample, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
         left, top, cw, ch = sample.crop_box
         crop = (round(left * sx), round(top * sy), max(1, round(cw * sx)), max(1, round(ch * sy)))
         window = Window(sample.start_time, sample.num_frames, sample.fps, float(meta["fps"]), float(meta.get("start_time", 0.0)))
-        frames = decode_window(path, window, size=(w, h), crop=crop, rotation=rotation)
-        pixels = torch.from_numpy(frames.astype(np.float32).mean(axis=-1) / 255.0)
+        # a video with transparency is a cut-out, like an image: its alpha channel is the mask (opaque counts)
+        alpha = decode_window(path, window, size=(w, h), crop=crop, rotation=rotation, alpha=True) if has_alpha(path) else None
+        if alpha is not None and int(alpha.min()) < 255:
+            pixels = torch.from_numpy(alpha.astype(np.float32) / 255.0)
+        else:
+            frames = decode_window(path, window, size=(w, h), crop=crop, rotation=rotation)
+            pixels = torch.from_numpy(frames.astype(np.float32).mean(axis=-1) / 255.0)
     return mask_to_latent(pixels, temporal, spatial)
 
 

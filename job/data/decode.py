@@ -88,16 +88,30 @@ def normalize_rotation(rotation: int | float | None) -> int:
 
 def decode_window(path: str | os.PathLike, window: Window, *, size: tuple[int, int] | None = None,
                   crop: tuple[int, int, int, int] | None = None, rotation: int = 0,
-                  thread_type: str = "AUTO", threads: int = 0, interpolation: str = INTERPOLATION) -> np.ndarray:
+                  thread_type: str = "AUTO", threads: int = 0, interpolation: str = INTERPOLATION,
+                  alpha: bool = False) -> np.ndarray:
     """uint8 frames [F, H, W, 3] of `window`, resized to `size` (W, H) from the `crop` box.
 
     `crop` is (left, top, width, height) in display (rotation-applied) source pixels; None is the
-    whole frame. Without `size` frames keep their source size. Raises DecodeError.
+    whole frame. Without `size` frames keep their source size. `alpha=True` returns the alpha
+    channel instead, [F, H, W] (255 where the video has none). Raises DecodeError.
     """
-    return _decode(path, window, size, crop, rotation, thread_type, threads, interpolation)
+    return _decode(path, window, size, crop, rotation, thread_type, threads, interpolation, alpha)
 
 
-def _decode(path, window: Window, size, crop, rotation, thread_type, threads, interpolation):
+def has_alpha(path: str | os.PathLike) -> bool:
+    """Whether the video's first stream decodes to a pixel format with an alpha channel (PNG / QuickTime
+    RLE / ProRes 4444 in MOV, FFV1 with alpha, ...). VP9 alpha in WebM is not seen: FFmpeg's own VP9
+    decoder drops it."""
+    import av
+    from av.video.format import VideoFormat
+
+    with av.open(str(path), metadata_errors="ignore") as container:
+        fmt = container.streams.video[0].codec_context.format
+        return fmt is not None and len(VideoFormat(fmt.name).components) in (2, 4)  # gray+alpha, colour+alpha
+
+
+def _decode(path, window: Window, size, crop, rotation, thread_type, threads, interpolation, alpha=False):
     import av
 
     path = str(path)
@@ -112,7 +126,8 @@ def _decode(path, window: Window, size, crop, rotation, thread_type, threads, in
     last_error: Exception | None = None
     for seek_to in attempts:
         try:
-            result = _decode_once(av, path, times, window, seek_to, size, crop, rotation, thread_type, threads, interpolation)
+            result = _decode_once(av, path, times, window, seek_to, size, crop, rotation, thread_type, threads, interpolation,
+                                  alpha)
         except FileNotFoundError as exc:
             raise DecodeError(f"{path}: the file disappeared after it was discovered", reason="missing", path=path) from exc
         except (av.error.FFmpegError, OSError, EOFError) as exc:  # not ValueError & co: bugs must not look like broken files
@@ -141,7 +156,8 @@ def _swscale_flags(interpolation: str) -> int:
     return flags
 
 
-def _decode_once(av, path, times, window: Window, seek_to, size, crop, rotation, thread_type, threads, interpolation):
+def _decode_once(av, path, times, window: Window, seek_to, size, crop, rotation, thread_type, threads, interpolation,
+                 alpha=False):
     from av.video.reformatter import VideoReformatter
 
     frame_dur = 1.0 / window.source_fps
@@ -178,10 +194,13 @@ def _decode_once(av, path, times, window: Window, seek_to, size, crop, rotation,
                 sw, sh, ox, oy = scaled_layout(dw, dh, box, (tw, th))
                 stored = (sh, sw) if rotation % 180 else (sw, sh)
                 layout = (stored[0], stored[1], ox, oy, tw, th)
-                out = np.empty((count, th, tw, 3), dtype=np.uint8)
+                out = np.empty((count, th, tw) if alpha else (count, th, tw, 3), dtype=np.uint8)
             w, h, ox, oy, tw, th = layout
             dest = out[j]
-            if PLANAR_RGB:
+            if alpha:  # planar with alpha: G, B, R, A planes
+                converted = reformatter.reformat(frame, width=w, height=h, format="gbrap", interpolation=flags, threads=1)
+                dest[...] = _crop(_plane_view(converted.planes[3], h, w), rotation, ox, oy, tw, th)
+            elif PLANAR_RGB:
                 converted = reformatter.reformat(frame, width=w, height=h, format="gbrp", interpolation=flags, threads=1)
                 for channel, plane in zip(_GBRP_CHANNELS, converted.planes):
                     dest[..., channel] = _crop(_plane_view(plane, h, w), rotation, ox, oy, tw, th)

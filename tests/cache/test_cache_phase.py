@@ -336,3 +336,43 @@ def test_decode_workers_shrink_to_fit_shared_memory(monkeypatch):
     assert phase._fit_workers(8, todo, batch_size=1) == 3
     monkeypatch.setattr(phase.shutil, "disk_usage", lambda path: usage(0, 0, 64 * 2**30))
     assert phase._fit_workers(8, todo, batch_size=2) == 8
+
+
+def _mask_video(path, rgba: bool) -> None:
+    """5 frames, 64x64 at 8 fps: the left half counts. `rgba`: PNG in MOV, white everywhere, the left
+    half opaque and the right transparent; else H.264, left half white and right black."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("png" if rgba else "libx264", rate=8)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "rgba" if rgba else "yuv420p"
+        for _ in range(5):
+            pixels = np.zeros((64, 64, 4 if rgba else 3), dtype=np.uint8)
+            if rgba:
+                pixels[..., :3] = 255
+                pixels[:, :32, 3] = 255
+            else:
+                pixels[:, :32] = 255
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgba" if rgba else "rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.mark.parametrize("rgba", [False, True], ids=["luminance", "alpha"])
+def test_a_mask_video_counts_where_it_is_white_or_opaque(tmp_path, rgba):
+    from types import SimpleNamespace
+
+    from job.cache.phase import load_mask
+    from job.data.decode import has_alpha
+
+    path = tmp_path / ("mask.mov" if rgba else "mask.mp4")
+    _mask_video(path, rgba)
+    assert has_alpha(path) is rgba
+    sample = SimpleNamespace(mask_path=str(path), width=64, height=64, source_width=64, source_height=64,
+                             crop_box=(0, 0, 64, 64), start_time=0.0, num_frames=5, fps=8.0)
+    mask = load_mask(sample, temporal=4, spatial=8)
+    assert tuple(mask.shape) == (1, 2, 8, 8)
+    assert torch.all(mask[..., :4] > 0.95) and torch.all(mask[..., 4:] < 0.05)
