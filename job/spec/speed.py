@@ -15,8 +15,9 @@ class SpeedSpec(Section):
     compile_blocks: bool = Field(
         True,
         description="`torch.compile` each transformer block (regional compile: one compiled block reused by all). "
-        "CUDA only: skipped on CPU, with memory.group_offload, and with train.mixed_precision 'no' over bf16 weights "
-        "(compiled blocks gave NaN gradients there; the bf16 autocast default is verified). The first step (and the first validation render) "
+        "CUDA only: skipped on CPU; with memory.group_offload (block_level) the blocks' own forwards are compiled inside the "
+        "offload wrapper. Inductor's mix-order reduction is turned off for it (it miscompiled the modulation gradients on "
+        "torch 2.11, pytorch#193061; +0.5-1 % step time). The first step (and the first validation render) "
         "pays a one-time compile of about a minute; inductor caches it (TORCHINDUCTOR_CACHE_DIR) for later runs.",
     )
     linear_attention: Literal["fused", "diffusers"] = Field(

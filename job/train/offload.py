@@ -217,6 +217,9 @@ class GroupOffload:
         """`torch.compile` each offloaded module's own forward (the wrapper with the swap and the
         copies stays eager). The parameters it reads are the onloaded copies, graph inputs to
         dynamo, so the blocks share one compiled graph as with the speed settings' regional compile."""
+        from job.models.sanavideo.speed import avoid_inductor_miscompiles
+
+        avoid_inductor_miscompiles()
         members = [m for g in self.groups for m in g]
         for m in members:
             m.forward = torch.compile(m.forward, **compile_kwargs)
@@ -454,7 +457,8 @@ class BackgroundStepOptimizer(torch.optim.Optimizer):
         #: stepped in `step()` itself: parameters on the accelerator (its kernels are queued in order)
         self.on_device = [p for p in params if p.device.type != "cpu"]
         #: stepped by the worker: runs of CPU parameters of one group (None: outside the blocks), in
-        #: the optimizer's order, which keeps a per-device random stream (AdamWBF16) in the same order
+        #: the optimizer's order (AdamWBF16's rounding noise depends only on each parameter's fixed
+        #: index and the step, so stepping in parts draws what one whole step would)
         self.segments: list[tuple[int | None, list[torch.nn.Parameter]]] = []
         for p in params:
             if p.device.type != "cpu":

@@ -110,22 +110,29 @@ def compile_available(transformer) -> tuple[bool, str]:
     return True, ""
 
 
-#: Measured on torch 2.11 / H100 (bench/NOTES.md): compiled blocks computing in plain bf16 (no autocast)
-#: gave NaN gradients for the modulation tables (`scale_shift_table`, the time embedding) while the loss
-#: and every other gradient matched eager. Under bf16 autocast (the default) they match eager.
-BF16_NO_AUTOCAST = ("train.mixed_precision 'no' over bf16 weights: compiled blocks gave NaN gradients for the "
-                    "modulation tables in this mode (bench/NOTES.md); set train.mixed_precision: bf16 (the default) "
-                    "to train with the compiled blocks")
+def avoid_inductor_miscompiles() -> list[str]:
+    """Inductor settings the compiled blocks need to compute the right gradients; returns what changed.
 
+    Mix-order reduction (`torch._inductor.config.triton.mix_order_reduction`, on by default since
+    torch 2.10) miscompiles the backward of the blocks' modulation: measured on torch 2.11 / H100
+    (bench/NOTES.md item 8) the `scale_shift_table` / timestep gradients were NaN or wrong (0.85
+    relative error at 32,760 tokens, different between identical calls) without autocast, and were
+    right with it off, for +0.5-1 % step time. Upstream: pytorch/pytorch#193061 (fixed after 2.11).
+    Turned off for every compile of the process: a silently wrong gradient costs more than 1 %."""
+    import torch._inductor.config as inductor_config
 
-def bf16_without_autocast(spec) -> bool:
-    return spec.train.mixed_precision == "no" and spec.model.base_model_precision != "fp32"
+    triton = getattr(inductor_config, "triton", None)
+    if triton is not None and getattr(triton, "mix_order_reduction", False):
+        triton.mix_order_reduction = False
+        return ["inductor mix-order reduction off (pytorch#193061)"]
+    return []
 
 
 def compile_blocks(transformer) -> int:
     """`torch.compile` each transformer block in place (`nn.Module.compile`); returns how many.
 
     Shapes are static per bucket; a second bucket recompiles once with dynamic shapes."""
+    avoid_inductor_miscompiles()
     compiled = 0
     for block in transformer.transformer_blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
@@ -363,13 +370,11 @@ def apply_training_speedups(transformer, spec) -> list[str]:
         ok, why = compile_available(transformer)
         if ok and spec.memory.group_offload.enabled:  # the hooks are added after this call
             ok, why = False, "memory.group_offload moves weights inside the blocks"
-        if ok and bf16_without_autocast(spec):
-            ok, why = False, BF16_NO_AUTOCAST
         if ok:
             compile_blocks(transformer)
             applied.append("regional torch.compile")
         else:
-            (log.warning if why == BF16_NO_AUTOCAST else log.info)("speed.compile_blocks: not compiling: %s", why)
+            log.info("speed.compile_blocks: not compiling: %s", why)
     if applied:
         log.info("transformer speed-ups: %s", ", ".join(applied))
     return applied
