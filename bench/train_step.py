@@ -56,7 +56,7 @@ FULL_VARIANTS = {
     "job-ff-diffusers": {"mixed_precision": "bf16", "feedforward": "diffusers"},  # the defaults but diffusers' feed-forward
     "job-default-adamw": {"mixed_precision": "bf16", "optimizer": "adamw"},  # the defaults with torch fused AdamW (as plain)
     "job-ff-diffusers-adamw": {"mixed_precision": "bf16", "feedforward": "diffusers", "optimizer": "adamw"},
-    "job-bf16-no-autocast": {},  # train.mixed_precision 'no' as the plain path: compile is skipped (NaN, see NOTES)
+    "job-bf16-no-autocast": {},  # train.mixed_precision "no" as the plain path: compiled with mix-order reduction off (NOTES item 8)
     "job-no-speedups": {"compile_blocks": False, "linear_attention": "diffusers", "keep_activations_blocks": 0},
     "job-fused-attn-only": {"compile_blocks": False},
     "job-compile-diffusers-attn": {"linear_attention": "diffusers"},
