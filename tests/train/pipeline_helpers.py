@@ -54,3 +54,29 @@ def cache(spec, ws):
     from job.cache.phase import run_cache
 
     return run_cache(spec, ws, device="cpu", num_workers=0, show=False)
+
+
+def loss_with_changed_prediction(s, batch, change=None, seen: dict | None = None) -> float:
+    """`compute_loss` of a session's batch with the transformer's prediction passed through `change`
+    (None: unchanged), with the same noise and sigmas every call (the generator is rewound). `seen`
+    gets the transformer's inputs (`noisy`, `timestep`)."""
+    import torch
+
+    from job.train.step import compute_loss
+
+    state = s.generator.get_state()
+    real = s.transformer
+
+    def changed(*args, **kwargs):
+        if seen is not None:
+            seen.update(noisy=args[0], timestep=kwargs["timestep"])
+        pred = real(*args, **kwargs)[0]
+        return (pred if change is None else change(pred),)
+
+    s.transformer = changed
+    try:
+        with torch.no_grad():
+            return float(compute_loss(s, batch))
+    finally:
+        s.transformer = real
+        s.generator.set_state(state)

@@ -12,9 +12,8 @@ from job.models.sanavideo.latents import encode_videos
 from job.models.sanavideo.objective import FlowMatchingObjective
 from job.train import run_train
 from job.train.session import build_session
-from job.train.step import compute_loss
 from job.workspace import Workspace
-from pipeline_helpers import cache, loaded, pipeline_spec, write_clips
+from pipeline_helpers import cache, loaded, loss_with_changed_prediction, pipeline_spec, write_clips
 
 I2V = {"video": {"num_frames": 5, "is_i2v": True}}
 
@@ -115,29 +114,14 @@ def test_the_loss_ignores_the_condition_frame_and_trains_the_rest(i2v_job):
     s = build_session(spec, ws)
     batch = next(iter(s.loader))
     assert batch["first_frame_latents"] is not None and batch["i2v"].all()
-    real = s.transformer
     seen = {}
 
-    def perturbed(frame: int | None):
-        def forward(*args, **kwargs):
-            seen["timestep"] = kwargs["timestep"]
-            seen["noisy"] = args[0]
-            pred = real(*args, **kwargs)[0]
-            if frame is not None:
-                pred = pred.clone()
-                pred[:, :, frame] += 5.0
-            return (pred,)
-        return forward
-
-    def loss(frame):
-        state = s.generator.get_state()
-        s.transformer = perturbed(frame)
-        try:
-            with torch.no_grad():
-                return float(compute_loss(s, batch))
-        finally:
-            s.transformer = real
-            s.generator.set_state(state)
+    def loss(frame: int | None) -> float:
+        def bump(pred):
+            pred = pred.clone()
+            pred[:, :, frame] += 5.0
+            return pred
+        return loss_with_changed_prediction(s, batch, None if frame is None else bump, seen)
 
     base = loss(None)
     assert loss(0) == pytest.approx(base, rel=1e-6, abs=1e-7)  # frame 0: the condition, not scored

@@ -11,7 +11,7 @@ from job.cache import format as fmt
 from job.train import run_train
 from job.train.session import build_session
 from job.train.step import compute_loss
-from pipeline_helpers import cache, pipeline_spec, write_clips
+from pipeline_helpers import cache, loss_with_changed_prediction, pipeline_spec, write_clips
 
 
 @pytest.fixture
@@ -44,22 +44,7 @@ def test_masks_are_cached_at_latent_resolution_from_luminance_or_alpha(masked_jo
 
 def _loss_with_perturbed_prediction(s, batch, where: torch.Tensor | None) -> float:
     """compute_loss with the transformer's prediction changed where `where` is 1 (same noise and sigmas)."""
-    state = s.generator.get_state()
-    real = s.transformer
-
-    def perturbed(*args, **kwargs):
-        pred = real(*args, **kwargs)[0]
-        if where is not None:
-            pred = pred + 5.0 * where.to(pred.dtype)
-        return (pred,)
-
-    s.transformer = perturbed
-    try:
-        with torch.no_grad():
-            return float(compute_loss(s, batch))
-    finally:
-        s.transformer = real
-        s.generator.set_state(state)
+    return loss_with_changed_prediction(s, batch, None if where is None else lambda pred: pred + 5.0 * where.to(pred.dtype))
 
 
 def test_the_loss_ignores_everything_outside_the_cached_mask(masked_job):
