@@ -94,8 +94,10 @@ def cache(loaded: LoadedSpec, ws: Workspace, prune: bool = False) -> None:
 def _validation_hook(spec, ws: Workspace, webhooks) -> Callable:
     """Render validation videos on the main process at `validation.step_interval` and at the end."""
     from job.cache import format as fmt
-    from job.validate.render import run_validation, validation_due
+    from job.validate.render import i2v_condition_image, run_validation, trains_i2v, validation_due
 
+    if spec.validation.enabled and spec.validation.image and trains_i2v(spec):
+        i2v_condition_image(spec, ws, None)  # a bad validation.image stops the job now, not at the first render
     state: dict = {}
 
     def embeddings_for(text: str, negative: bool = False):

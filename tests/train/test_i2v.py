@@ -198,3 +198,17 @@ def test_validation_renders_image_to_video_from_the_first_cached_frame(tmp_path,
     (ws.root / "broken.png").write_bytes(b"not an image")
     with pytest.raises(InputError):
         i2v_condition_image(spec.model_copy(update={"validation": spec.validation.model_copy(update={"image": "broken.png"})}), ws, None)
+
+
+def test_an_unreadable_validation_image_stops_the_job_before_training(tmp_path, tiny_model):
+    from job.errors import InputError
+    from job.phases import train
+
+    write_clips(tmp_path / "ws" / "clips")
+    job_spec = loaded(tmp_path / "ws", tiny_model, dataset=I2V,
+                      validation={"enabled": True, "step_interval": 2, "resolutions": ["64x64"], "num_video_frames": 5,
+                                  "num_inference_steps": 2, "guidance": 1.0, "image": "missing.png"})
+    ws = Workspace.for_spec(job_spec.spec)
+    with pytest.raises(InputError, match="validation.image"):
+        train(job_spec, ws)
+    assert not ws.checkpoints_dir.exists() or not any(ws.checkpoints_dir.iterdir())
