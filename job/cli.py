@@ -56,7 +56,18 @@ def _open_job(spec_path: Path, verbose: bool):
     _print_warnings(loaded)
     ws = Workspace.for_spec(loaded.spec)
     attach_json_log(ws.events_log)
+    use_workspace_compile_cache(ws)
     return loaded, ws
+
+
+def use_workspace_compile_cache(ws) -> None:
+    """Keep torch.compile's kernels on the workspace volume (unless TORCHINDUCTOR_CACHE_DIR is set): the
+    container's /tmp is gone after a restart, the volume is not. Inductor reads the variable when it
+    compiles, so setting it before any compile is enough."""
+    import os
+
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ws.compile_cache_dir)
 
 
 def _environment_secrets() -> list[str]:

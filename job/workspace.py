@@ -85,6 +85,12 @@ class Workspace:
     def metadata_cache(self, dataset: VideoDataset) -> Path:
         return self.root / "cache" / "meta" / f"{dataset.id}.json"
 
+    @property
+    def compile_cache_dir(self) -> Path:
+        """torch.compile's kernel cache (TORCHINDUCTOR_CACHE_DIR): on the workspace volume, so a rerun or a
+        resume after a restart skips most of the compile of the transformer blocks and the VAE encoder."""
+        return self.root / "cache" / "compile"
+
     # --- outputs ------------------------------------------------------------
     @property
     def output_dir(self) -> Path:

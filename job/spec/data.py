@@ -95,8 +95,8 @@ class DataSpec(Section):
         "auto",
         description="Cache phase: `torch.compile` the VAE encoder (CUDA only; skipped on the CPU, with the reason in the log). "
         "About 1.6x faster per clip than without it on an H100 (1.58 vs 0.99 clips/s at 81x832x480), but the first batch "
-        "of each clip size (bucket) compiles for about 1-1.5 minutes (inductor caches it, TORCHINDUCTOR_CACHE_DIR, for "
-        "later runs). `auto`: compile for a bucket with at least 256 clips to encode (where it pays back); `always`; "
+        "of each clip size (bucket) compiles for about 1-1.5 minutes (its kernels are cached in `<workspace>/cache/compile`, "
+        "or TORCHINDUCTOR_CACHE_DIR when set, for later runs). `auto`: compile for a bucket with at least 256 clips to encode (where it pays back); `always`; "
         "`never`. Falls back to no compile, with a warning, if compiling fails.",
     )
     vae_latent_mode: Literal["sample", "mean"] = Field(

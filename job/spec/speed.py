@@ -18,7 +18,7 @@ class SpeedSpec(Section):
         "CUDA only: skipped on CPU; with memory.group_offload (block_level) the blocks' own forwards are compiled inside the "
         "offload wrapper. Inductor's mix-order reduction is turned off for it (it miscompiled the modulation gradients on "
         "torch 2.11, pytorch#193061; +0.5-1 % step time). The first step (and the first validation render) "
-        "pays a one-time compile of about a minute; inductor caches it (TORCHINDUCTOR_CACHE_DIR) for later runs.",
+        "pays a one-time compile of about a minute; its kernels are cached in `<workspace>/cache/compile` (or TORCHINDUCTOR_CACHE_DIR when set), so later runs on the same volume compile faster.",
     )
     linear_attention: Literal["fused", "diffusers"] = Field(
         "fused",
