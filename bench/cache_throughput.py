@@ -96,7 +96,7 @@ def versions() -> dict:
 
 
 def spec_for(work: Path, model: Path, cache_dir: str, *, batch: int = 1, compress: bool = False, frames: int = 81,
-             resolution: int = 480, channels_last: bool = True, compile_mode: str = "auto"):
+             resolution: int = 480, channels_last: bool = True, compile_mode: str = "auto", lanes: int = 2):
     from job.spec import validate_data
 
     data = {
@@ -105,7 +105,8 @@ def spec_for(work: Path, model: Path, cache_dir: str, *, batch: int = 1, compres
         "data": {"datasets": [{"id": "bench", "source": "clips", "resolution": resolution, "resolution_type": "pixel_area",
                                "cache_dir_vae": cache_dir, "video": {"num_frames": frames}}],
                  "vae_batch_size": batch, "cache_dtype": "bf16", "vae_latent_mode": "sample", "framerate": 16,
-                 "compress_disk_cache": compress, "vae_channels_last": channels_last, "vae_compile": compile_mode},
+                 "compress_disk_cache": compress, "vae_channels_last": channels_last, "vae_compile": compile_mode,
+                 "vae_concurrent_batches": lanes},
         "train": {"max_train_steps": 1, "train_batch_size": 1},
         "validation": {"enabled": False},
     }
@@ -122,9 +123,9 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny VAE, small clips: check the script on a CPU")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
     parser.add_argument("--variants", default="b1,b1-compile,b2",
-                        help="comma-separated, of: b1, b1-compile, b2, b1-ncdhw, b1-cudnn-autotune, b1-compressed")
+                        help="comma-separated, of: b1, b1-one-lane, b1-compile, b2, b1-ncdhw, b1-cudnn-autotune, b1-compressed")
     args = parser.parse_args()
-    unknown = set(args.variants.split(",")) - {"b1", "b1-compile", "b2", "b1-ncdhw", "b1-cudnn-autotune", "b1-compressed"}
+    unknown = set(args.variants.split(",")) - {"b1", "b1-one-lane", "b1-compile", "b2", "b1-ncdhw", "b1-cudnn-autotune", "b1-compressed"}
     if unknown:
         parser.error(f"unknown variants: {sorted(unknown)}")
 
@@ -246,9 +247,9 @@ def main() -> int:
     loading.load_components = timed_load
 
     def run_ours(name: str, *, batch: int = 1, compress: bool = False, cudnn_benchmark: bool = phase.CUDNN_BENCHMARK,
-                 channels_last: bool = True, compile_mode: str = "auto") -> dict:
+                 channels_last: bool = True, compile_mode: str = "auto", lanes: int = 2) -> dict:
         spec_v = spec_for(work, model, f"cache/vae/{name}", batch=batch, compress=compress, frames=frames,
-                          resolution=resolution, channels_last=channels_last, compile_mode=compile_mode)
+                          resolution=resolution, channels_last=channels_last, compile_mode=compile_mode, lanes=lanes)
         ws_v = Workspace.for_spec(spec_v)
         plan_v = plan_dataset(spec_v, ws_v, show=False)
         result = phase.CacheResult(device=str(dev))
@@ -271,13 +272,13 @@ def main() -> int:
                "speedup_vs_plain": plain_s / total, "bytes_on_disk": size, "folder": str(folder),
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
                "batch": batch, "compress": compress, "cudnn_benchmark": cudnn_benchmark,
-               "channels_last": channels_last, "vae_compile": compile_mode}
+               "channels_last": channels_last, "vae_compile": compile_mode, "vae_concurrent_batches": lanes}
         print(f"ours[{name}]:", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
         return out
 
     variants = {}
     budget_end = time.perf_counter() + args.budget
-    known = {"b1": {}, "b1-compile": {"compile_mode": "always"}, "b2": {"batch": 2},
+    known = {"b1": {}, "b1-one-lane": {"lanes": 1}, "b1-compile": {"compile_mode": "always"}, "b2": {"batch": 2},
              "b1-ncdhw": {"channels_last": False, "compile_mode": "never"},
              "b1-cudnn-autotune": {"cudnn_benchmark": True}, "b1-compressed": {"compress": True}}
     plan_variants = [(name, known[name]) for name in args.variants.split(",")]

@@ -1038,10 +1038,25 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
                   detail=message)
         progress.advance("latents")
 
+    lanes = _EncodeLanes(vae, spec.data.vae_concurrent_batches, dev, speed)
+
+    def encode(batch, lane) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One batch through the VAE: on a lane (its own encoder copy and CUDA stream), or inline."""
+        batch_samples = [todo[i][0].sample for i in batch["indices"]]
+        with lanes.stream(lane):
+            video = _to_video(batch["frames"], dev, channels_last=speed.channels_last)
+            if lane is None:
+                latents, first = speed.run(batch_samples[0].bucket, len(batch_samples),
+                                           lambda: _encode_batch(vae, video, batch_samples, dev, sample_mode))
+            else:
+                latents, first = _encode_batch(lanes.vae(lane), video, batch_samples, dev, sample_mode)
+            # on the lane's stream: the copy to the CPU waits for this batch's kernels only
+            return latents.to(store_dtype).cpu(), None if first is None else first.to(store_dtype).cpu()
+
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = CUDNN_BENCHMARK if dev.type == "cuda" else benchmark
     try:
-        for batch in loader:
+        for batch in lanes.in_order(loader, encode, lambda batch: _route(batch, todo, speed)):
             for index, error in batch["errors"]:
                 fail(index, error["reason"], error["message"], decode=True)
             for index, message in batch["mask_errors"]:
@@ -1049,19 +1064,15 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
             if batch["frames"] is None:
                 continue
             indices = batch["indices"]
-            batch_samples = [todo[i][0].sample for i in indices]
-            video = _to_video(batch["frames"], dev, channels_last=speed.channels_last)
-            latents, first = speed.run(batch_samples[0].bucket, len(indices),
-                                       lambda: _encode_batch(vae, video, batch_samples, dev, sample_mode))
-            del video
+            latents, first = batch["encoded"]
             feats = None
             if encoder is not None:
                 feats = crepa.encode_frames(encoder, batch["frames"], spec.train.crepa.encoder_image_size, temporal,
                                             crepa.feature_grid(*latents.shape[-2:])).to(store_dtype).cpu()
-            del batch["frames"]
+            del batch["frames"], batch["encoded"]
             # .contiguous(): a channels-last encoder returns NDHWC-strided latents; files store NCDHW
-            latents = latents.to(store_dtype).cpu().contiguous()
-            first = first.to(store_dtype).cpu().contiguous() if first is not None else None
+            latents = latents.contiguous()
+            first = first.contiguous() if first is not None else None
             for j, index in enumerate(indices):
                 item, stale = todo[index]
                 mask = batch["masks"][j]
@@ -1091,8 +1102,79 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
         writer.drain()
     finally:
         torch.backends.cudnn.benchmark = benchmark
-        del loader, vae, encoder, speed
+        lanes.close()
+        del loader, vae, encoder, speed, lanes
         _free(dev)
+
+
+#: Concurrent VAE lanes on the CPU: no gain there (the batches share the cores); the tests turn it on to
+#: run the lanes' ordering and hand-over logic without a GPU.
+LANES_ON_CPU = False
+
+
+def _route(batch, todo, speed) -> bool:
+    """Whether a batch may go to a concurrent lane: not for the compiled encoder (one graph, one VAE)."""
+    if batch["frames"] is None:
+        return False
+    return not speed.uses_compile(todo[batch["indices"][0]][0].sample.bucket, len(batch["indices"]))
+
+
+class _EncodeLanes:
+    """`data.vae_concurrent_batches` batches encoded at the same time (CUDA only): each lane has its own
+    copy of the VAE (the weights as prepared for the phase) and its own CUDA stream, and a thread that
+    drives it. A batch is computed by the same kernels as when batches go one after another, so the
+    latents are the same; the GPU overlaps one batch's memory-bound passes (norms, SiLU, pads, the
+    cached-frame copies) with another's convolutions. Results come back in the loader's order."""
+
+    def __init__(self, vae, count: int, dev: torch.device, speed):
+        import copy
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.count = count if dev.type == "cuda" or LANES_ON_CPU else 1
+        self.vaes = [vae] + [copy.deepcopy(vae) for _ in range(self.count - 1)]
+        self.streams = [torch.cuda.Stream(dev) for _ in range(self.count)] if self.count > 1 and dev.type == "cuda" else []
+        self.pool = ThreadPoolExecutor(self.count, thread_name_prefix="vae-lane") if self.count > 1 else None
+        if self.count > 1:
+            log.info("VAE: %d batches encoded at once (data.vae_concurrent_batches), each on its own CUDA stream", self.count)
+        self._speed = speed
+
+    def vae(self, lane: int):
+        return self.vaes[lane]
+
+    def stream(self, lane: int | None):
+        return torch.cuda.stream(self.streams[lane]) if lane is not None and self.streams else contextlib.nullcontext()
+
+    def in_order(self, batches, encode, concurrent):
+        """Yield each batch with `batch["encoded"]` = `encode(batch, lane)`, in order, at most `count` at work."""
+        import collections
+
+        pending: collections.deque = collections.deque()
+        submitted = 0
+        for batch in batches:
+            if batch["frames"] is not None and self.pool is not None and concurrent(batch):
+                lane = submitted % self.count  # the batch `count` places back on this lane has been collected
+                submitted += 1
+                pending.append((batch, self.pool.submit(encode, batch, lane)))
+                while len(pending) >= self.count:
+                    yield self._collect(*pending.popleft())
+                continue
+            while pending:  # keep the order: finish what is at work before an inline batch
+                yield self._collect(*pending.popleft())
+            if batch["frames"] is not None:
+                batch["encoded"] = encode(batch, None)
+            yield batch
+        while pending:
+            yield self._collect(*pending.popleft())
+
+    @staticmethod
+    def _collect(batch, future):
+        batch["encoded"] = future.result()
+        return batch
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.vaes.clear()
 
 
 def _encode_batch(vae, video: torch.Tensor, samples: list, dev: torch.device,

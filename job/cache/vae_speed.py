@@ -109,8 +109,12 @@ class EncoderSpeed:
     def input(self, video: torch.Tensor) -> torch.Tensor:
         return channels_last_input(video) if self.channels_last else video
 
+    def uses_compile(self, bucket: str, clips: int) -> bool:
+        """Whether a batch of `clips` clips of `bucket` goes through the compiled encoder."""
+        return self.compiled is not None and bucket in self.compile_buckets and clips == self.batch_size
+
     def run(self, bucket: str, clips: int, encode: Callable[[], T]) -> T:
-        use = self.compiled is not None and bucket in self.compile_buckets and clips == self.batch_size
+        use = self.uses_compile(bucket, clips)
         self.vae.encoder = self.compiled if use else self.eager
         if not use:
             return encode()

@@ -99,6 +99,13 @@ class DataSpec(Section):
         "or TORCHINDUCTOR_CACHE_DIR when set, for later runs). `auto`: compile for a bucket with at least 256 clips to encode (where it pays back); `always`; "
         "`never`. Falls back to no compile, with a warning, if compiling fails.",
     )
+    vae_concurrent_batches: int = Field(
+        2, ge=1, le=4,
+        description="Cache phase, CUDA only: batches of `vae_batch_size` clips encoded at the same time, each by its own copy "
+        "of the VAE (about 0.25 GiB bf16) on its own CUDA stream. Each batch runs the same kernels as alone, so the latents do "
+        "not change; the GPU overlaps one batch's memory-bound passes with another's convolutions. 1: one batch after "
+        "another. Batches of a compiled bucket (`vae_compile`) go one at a time.",
+    )
     vae_latent_mode: Literal["sample", "mean"] = Field(
         "sample",
         description="Cache a sample of the VAE's latent distribution (default: the model was trained on samples, so fine-tuning on "

@@ -143,3 +143,33 @@ def test_an_out_of_memory_error_is_not_taken_for_a_compile_failure():
     with pytest.raises(torch.OutOfMemoryError):
         speed.run("b", 1, encode)
     assert speed.compiled is not None
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_concurrent_batches_give_the_same_latents_in_the_same_files(job_dict, tmp_path, tiny_model_path, clips_template,
+                                                                     monkeypatch, lanes):
+    """`data.vae_concurrent_batches` (lanes: a VAE copy and a thread each; CUDA streams on a GPU), run here
+    on the CPU: every latent (sampled, seeded per clip) equals the one-at-a-time phase's bit for bit."""
+    from job.cache import phase
+
+    monkeypatch.setattr(phase, "LANES_ON_CPU", True)
+    lanes_made = []
+    real = phase._EncodeLanes.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        lanes_made.append(self.count)
+
+    monkeypatch.setattr(phase._EncodeLanes, "__init__", spy)
+    results = {}
+    for count in (1, lanes):
+        data = spec_dict(make_workspace(tmp_path / str(count), clips_template), tiny_model_path)
+        data["data"].update(vae_concurrent_batches=count, vae_batch_size=1)
+        spec, ws = job(data)
+        lanes_made.clear()
+        result = _cache(spec, ws)
+        assert lanes_made == [count] and result.latents.cached == 4 and result.latents.failed == 0
+        results[count] = _latents(spec, ws)
+    assert results[1].keys() == results[lanes].keys()
+    for key, latents in results[1].items():
+        assert torch.equal(results[lanes][key], latents), key
