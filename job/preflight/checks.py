@@ -178,7 +178,8 @@ def _suggestion_text(suggestions) -> str:
 
 def check_cache_vram(report: PreflightReport, spec, facts: DeviceFacts, inputs: EstimateInputs) -> None:
     parts = cache_phase_bytes(inputs.frames, inputs.height * inputs.width, spec.memory.enable_model_cpu_offload,
-                              inputs.crepa_encoder, inputs.crepa_image_size)
+                              inputs.crepa_encoder, inputs.crepa_image_size, batch_size=spec.data.vae_batch_size,
+                              concurrent_batches=spec.data.vae_concurrent_batches)
     total = sum(parts.values())
     free = facts.free_vram(spec.train.num_processes)
     if free is None or total <= free:

@@ -357,15 +357,17 @@ def vae_decode_bytes(frames: int, pixels: int) -> float:
 
 
 def cache_phase_bytes(frames: int, pixels: int, model_cpu_offload: bool = False, crepa_encoder: str | None = None,
-                      crepa_image_size: int = 518) -> dict[str, float]:
-    """Peak of the cache phase: the Wan VAE (fp32) encoding one clip, with the Gemma2 text
+                      crepa_image_size: int = 518, batch_size: int = 1, concurrent_batches: int = 1) -> dict[str, float]:
+    """Peak of the cache phase: the Wan VAE (fp32) encoding `batch_size` clips on each of its
+    `concurrent_batches` lanes (a VAE copy each, `data.vae_concurrent_batches`), with the Gemma2 text
     encoder (bf16) resident unless model CPU offload moves it out while the VAE runs, and with
     CREPA, its DINOv2 encoder (bf16) and one chunk of `job.train.crepa.ENCODER_CHUNK` frames
     through it: per frame, the float32 frame and its resize (2 x pixels x 3 x 4 B) and about 14
     bf16 activations of tokens x width. Measured on an H100 (bench/crepa_rollout.py): 1.07 GiB for
     vitg14 at 518 px (this gives 1.02), 0.16 GiB for vits14 at 224 (0.18)."""
-    parts = {"vae_weights": float(VAE_PARAMS * VAE_BYTES_PER_PARAM),
-             "vae_encode": VAE_ENCODE_PER_PIXEL_FRAME * frames * pixels + VAE_ENCODE_PER_PIXEL * pixels}
+    parts = {"vae_weights": float(VAE_PARAMS * VAE_BYTES_PER_PARAM) * concurrent_batches,
+             "vae_encode": (VAE_ENCODE_PER_PIXEL_FRAME * frames * pixels + VAE_ENCODE_PER_PIXEL * pixels)
+             * batch_size * concurrent_batches}
     if not model_cpu_offload:
         parts["text_encoder_weights"] = float(TEXT_ENCODER_PARAMS * 2)
     if crepa_encoder:

@@ -232,3 +232,13 @@ def test_suggestion_combines_changes_when_no_single_one_fits(make_spec):
     suggestions = suggest(inp, budget)
     assert suggestions[0].fits and "+" in suggestions[0].change
     assert suggestions[0].estimate.total <= budget
+
+
+def test_the_cache_phase_estimate_counts_each_concurrent_vae_lane_and_batch():
+    from job.preflight.estimate import cache_phase_bytes
+
+    one = cache_phase_bytes(81, 832 * 480, model_cpu_offload=True)
+    two = cache_phase_bytes(81, 832 * 480, model_cpu_offload=True, concurrent_batches=2)
+    batched = cache_phase_bytes(81, 832 * 480, model_cpu_offload=True, batch_size=2, concurrent_batches=2)
+    assert two["vae_weights"] == 2 * one["vae_weights"] and two["vae_encode"] == 2 * one["vae_encode"]
+    assert batched["vae_encode"] == 4 * one["vae_encode"] and batched["vae_weights"] == two["vae_weights"]
