@@ -19,7 +19,7 @@ class GroupOffloadSpec(Section):
     type: Literal["block_level", "leaf_level"] = Field("block_level", description="`block_level` moves groups of transformer blocks; `leaf_level` moves single layers (less VRAM, slower).")
     blocks_per_group: int = Field(1, ge=1, description="Transformer blocks moved together (block_level only). More = faster, more VRAM.")
     use_stream: bool = Field(True, description="Overlap transfers with compute on a CUDA stream. Ignored (with a debug message) where CUDA is not available.")
-    to_disk_path: str | None = Field(None, description="Spill offloaded weights to this folder instead of RAM when system RAM is short. Slower, but keeps the run alive. Its free space is checked by preflight.")
+    to_disk_path: str | None = Field(None, description="Spill offloaded weights to this folder instead of RAM when system RAM is short. Slower, but keeps the run alive. Its free space is checked by preflight; the files are unnamed once mapped, so their space comes back when the job ends, however it ends.")
 
 
 class MemorySpec(Section):

@@ -44,6 +44,7 @@ EMA update (`finish_optimizer_step`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -289,12 +290,17 @@ def _groups(model: torch.nn.Module, level: str, blocks_per_group: int) -> list[l
 
 
 def _to_disk(params: list[torch.nn.Parameter], folder: Path) -> list[Path]:
-    """Back each parameter with a file under `folder` (memory-mapped: the OS keeps in RAM what fits)."""
+    """Back each parameter with a file under `folder` (memory-mapped: the OS keeps in RAM what fits).
+
+    Each file is unlinked as soon as it is mapped: the mapping keeps its blocks on the disk while the
+    process runs, and the space is freed when it ends, however it ends (SIGKILL, OOM kill), so no
+    run leaves spill files behind. The list holds the (now nameless) files' paths, for the log."""
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for i, p in enumerate(params):
-        path = folder / f"param_{i:05d}.bin"
+        path = folder / f"param_{os.getpid()}_{i:05d}.bin"
         mapped = torch.from_file(str(path), shared=True, size=p.numel(), dtype=p.dtype).view(p.shape)
+        path.unlink()
         mapped.copy_(p.data)
         p.data = mapped
         files.append(path)
