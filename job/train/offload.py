@@ -384,9 +384,9 @@ def offload_for_training(model: torch.nn.Module, spec, device: torch.device, res
 
 def _steps_per_parameter(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` updates each parameter from that parameter, its gradient and its own state
-    alone (AdamWBF16 also draws rounding noise from one random stream per device, in parameter order,
-    which stepping the same parameters in the same order keeps): then stepping a few parameters at a
-    time gives the same result. Not torch-optimi's AdamW: it counts steps per parameter group."""
+    alone (AdamWBF16's rounding noise too: a hash of the seed, the step and the parameter's fixed
+    index): then stepping a few parameters at a time gives the same result. Not torch-optimi's AdamW:
+    it counts steps per parameter group."""
     from .optimizers import AdamWBF16
 
     return isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam, AdamWBF16))
