@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import gc
 import json
 import statistics
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from benchutil import cuda, sync, cleanup  # noqa: E402
 
 GIB = 1024 ** 3
 #: latent (frames, height, width) -> tokens f * h/2 * w/2 (patch 1x2x2)
@@ -56,25 +56,8 @@ CONFIGS = {
 FIX_OPTIONS = {"triton.mix_order_reduction": False}
 
 
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
 def device() -> str:
     return "cuda" if cuda() else "cpu"
-
-
-def sync():
-    if cuda():
-        torch.cuda.synchronize()
-
-
-def cleanup():
-    gc.collect()
-    if cuda():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def poison_free_memory(gib: float) -> None:

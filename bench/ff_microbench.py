@@ -32,15 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync():
-    if cuda():
-        torch.cuda.synchronize()
+from benchutil import cuda, sync  # noqa: E402
 
 
 def median_time(fn, warmup: int, iters: int) -> float:

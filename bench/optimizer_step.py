@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import math
 import statistics
@@ -42,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from benchutil import cuda, sync, cleanup  # noqa: E402
 
 GIB = 1024 ** 3
 BYTES_PER_PARAM = 2 + 2 + 4 * 4 + 2  # bf16 w, g read; fp32 m, v read + written; bf16 w written
@@ -95,23 +95,6 @@ class OldAdamWBF16(torch.optim.Optimizer):
                     self._stochastic_round_(p, weights, self._generator(p.device))
                 else:
                     p.copy_(weights)
-
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync():
-    if cuda():
-        torch.cuda.synchronize()
-
-
-def cleanup():
-    gc.collect()
-    if cuda():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def allocated() -> int:
@@ -218,8 +201,8 @@ def compare_fused_eager(params) -> dict:
            "weights_differing": 0, "weights_max_diff_bf16_ulps": 0.0, "exp_avg_max_rel": 0.0, "exp_avg_sq_max_rel": 0.0,
            "weights_moved_share": 0.0}
     moved = 0
-    for a, b, p in zip(cw, ew, sample):
-        a, b = a.detach(), b.detach()
+    for pa, pb, p in zip(cw, ew, sample):
+        a, b = pa.detach(), pb.detach()
         differ = a != b
         out["weights_differing"] += int(differ.sum())
         moved += int((b != p).sum())
@@ -227,7 +210,7 @@ def compare_fused_eager(params) -> dict:
             ulp = (b.float().abs() * 2 ** -7).clamp_min(1e-30)
             out["weights_max_diff_bf16_ulps"] = max(out["weights_max_diff_bf16_ulps"], float(((a.float() - b.float()).abs() / ulp).max()))
         for key, name in (("exp_avg_max_rel", "exp_avg"), ("exp_avg_sq_max_rel", "exp_avg_sq")):
-            x, y = co.state[a][name], eo.state[b][name]
+            x, y = co.state[pa][name], eo.state[pb][name]  # the state is keyed by the Parameter itself
             out[key] = max(out[key], float((x - y).norm() / y.norm().clamp_min(1e-30)))
     out["weights_differing_share"] = out["weights_differing"] / max(out["elements"], 1)
     out["weights_moved_share"] = moved / max(out["elements"], 1)

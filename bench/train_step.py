@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import gc
 import json
 import os
 import statistics
@@ -45,6 +44,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from benchutil import cuda, sync, cleanup  # noqa: E402
 
 GIB = 1024 ** 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -73,23 +73,6 @@ LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward"
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync():
-    if cuda():
-        torch.cuda.synchronize()
-
-
-def cleanup():
-    gc.collect()
-    if cuda():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
 
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / GIB if cuda() else float("nan")
