@@ -1043,6 +1043,7 @@ def _encode_latents(spec, ws, todo: list[tuple[_Planned, bool]], dev, compress, 
     def encode(batch, lane) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One batch through the VAE: on a lane (its own encoder copy and CUDA stream), or inline."""
         batch_samples = [todo[i][0].sample for i in batch["indices"]]
+        speed.ready()
         with lanes.stream(lane):
             video = _to_video(batch["frames"], dev, channels_last=speed.channels_last)
             if lane is None:

@@ -1,4 +1,5 @@
-"""Speed-ups of the Wan VAE encoder for the cache phase (`data.vae_channels_last`, `data.vae_compile`).
+"""Speed-ups of the Wan VAE encoder for the cache phase (`data.vae_channels_last`, `data.vae_fused_ops`,
+`data.vae_compile`).
 
     speed = EncoderSpeed(vae, spec.data, device, clips_per_bucket)  # applies the spec to the VAE
     latents = speed.run(bucket, n_clips, lambda: encode(speed.input(video)))
@@ -10,6 +11,9 @@ With weights and input in channels-last layout the convolutions run on NDHWC dir
 intermediate (pads, the concatenated cached frames, norms, SiLU) keeps that layout. The arithmetic
 is the same; the kernels differ, so latents match the default layout within bf16 rounding, not bit
 for bit (bench/RESULTS.md, "Latent caching throughput").
+
+On that layout `data.vae_fused_ops` runs each RMS norm + SiLU as one Triton pass and lets the causal
+convs pad inside cuDNN (`job.models.sanavideo.vae_kernels`): the eager encoder's elementwise work.
 
 `torch.compile` of the encoder (CUDA only) fuses the norms, SiLU, pads and the concatenation of
 cached frames around the convolutions. It traces without graph breaks into 3 graphs per clip size
@@ -23,27 +27,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from torch import nn
 
 from job.errors import TrainerError
+from job.models.sanavideo.triton_support import interpreting, triton_importable
+from job.models.sanavideo.vae_kernels import to_channels_last, use_fused_vae_ops, warm_up_in_background
 
 log = logging.getLogger("trainer.cache")
 T = TypeVar("T")
-
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """Every Conv3d weight to `channels_last_3d` and every Conv2d weight to `channels_last`, in place.
-
-    (`module.to(memory_format=torch.channels_last_3d)` would fail on the encoder's 2D convolutions:
-    that format exists only for 5-D tensors.)
-    """
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.Conv3d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
-            elif isinstance(m, nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-    return module
 
 
 def channels_last_input(video: torch.Tensor) -> torch.Tensor:
@@ -85,9 +75,15 @@ class EncoderSpeed:
         self.eager = vae.encoder
         self.compiled = None
         self.applied: list[str] = []
+        self.warm_up = None
         if self.channels_last:
             to_channels_last(vae)
             self.applied.append("channels-last layout")
+            # (on the CPU only under Triton's interpreter: the tests)
+            if data.vae_fused_ops and triton_importable() and (device.type == "cuda" or interpreting()):
+                use_fused_vae_ops(vae.encoder)
+                self.applied.append("fused RMS norm + SiLU kernels, padding inside the convolutions")
+                self.warm_up = warm_up_in_background(vae.encoder)  # overlaps the decode workers' start
         mode = data.vae_compile
         self.compile_buckets: set[str] = set()
         if mode == "never":
@@ -112,6 +108,12 @@ class EncoderSpeed:
     def uses_compile(self, bucket: str, clips: int) -> bool:
         """Whether a batch of `clips` clips of `bucket` goes through the compiled encoder."""
         return self.compiled is not None and bucket in self.compile_buckets and clips == self.batch_size
+
+    def ready(self) -> None:
+        """Wait for the kernels' background compile (call before each encode; any thread)."""
+        warm_up = self.warm_up
+        if warm_up is not None:
+            warm_up.join()
 
     def run(self, bucket: str, clips: int, encode: Callable[[], T]) -> T:
         use = self.uses_compile(bucket, clips)

@@ -91,6 +91,14 @@ class DataSpec(Section):
         "Latents equal the default layout's within bf16 rounding (the cache key does not change). false: the plain "
         "NCDHW layout, latents bit-identical to a plain `vae.encode`.",
     )
+    vae_fused_ops: bool = Field(
+        True,
+        description="Cache phase, with `vae_channels_last`: each RMS norm of the VAE encoder and the SiLU after it run as one "
+        "Triton kernel (one pass over the activations instead of about nine), and the causal 3D convolutions pad height "
+        "and width inside cuDNN instead of copying their input. CUDA with Triton only; the kernel repeats the module's "
+        "roundings, so latents equal diffusers' encoder's up to float32 summation order. Not used where the encoder is "
+        "compiled (`vae_compile`: inductor fuses these itself). false: diffusers' modules as they are.",
+    )
     vae_compile: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Cache phase: `torch.compile` the VAE encoder (CUDA only; skipped on the CPU, with the reason in the log). "

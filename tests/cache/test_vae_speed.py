@@ -65,6 +65,27 @@ def test_channels_last_on_and_off_give_the_same_latents(job_dict, tmp_path, tiny
         assert torch.equal(plain[latent_sample_key(sample)], ref)
 
 
+def test_fused_vae_ops_in_the_phase_give_the_unfused_latents(triton_interpreter, tmp_path, tiny_model_path,
+                                                             clips_template, caplog):
+    """`data.vae_fused_ops` (on the CPU only under Triton's interpreter): the phase's encoder runs the fused
+    norms and pad-free convs, and its latents equal the unfused phase's within bf16 rounding."""
+    results = {}
+    for on in (True, False):
+        data = spec_dict(make_workspace(tmp_path / str(on), clips_template), tiny_model_path)
+        data["data"].update(vae_fused_ops=on, vae_latent_mode="mean", vae_batch_size=1)
+        spec, ws = job(data)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trainer.cache"):
+            result = _cache(spec, ws)
+        assert result.latents.cached == 4 and result.latents.failed == 0
+        assert ("fused RMS norm + SiLU kernels" in caplog.text) is on
+        results[on] = _latents(spec, ws)
+    assert results[True].keys() == results[False].keys()
+    for key, plain in results[False].items():
+        torch.testing.assert_close(results[True][key].float(), plain.float(), rtol=2e-2,
+                                   atol=2e-2 * plain.abs().max().item())
+
+
 def test_compile_on_the_cpu_is_skipped_with_the_reason_in_the_log(job_dict, caplog):
     job_dict["data"]["vae_compile"] = "always"
     spec, ws = job(job_dict)
@@ -94,7 +115,8 @@ class _TinyVae(torch.nn.Module):
 
 
 def _data(compile_mode: str, batch: int = 2, channels_last: bool = False):
-    return SimpleNamespace(vae_channels_last=channels_last, vae_batch_size=batch, vae_compile=compile_mode)
+    return SimpleNamespace(vae_channels_last=channels_last, vae_batch_size=batch, vae_compile=compile_mode,
+                           vae_fused_ops=False)
 
 
 def test_auto_compiles_only_buckets_that_pay_back_and_only_full_batches():
