@@ -61,13 +61,16 @@ def _open_job(spec_path: Path, verbose: bool):
 
 
 def use_workspace_compile_cache(ws) -> None:
-    """Keep torch.compile's kernels on the workspace volume (unless TORCHINDUCTOR_CACHE_DIR is set): the
-    container's /tmp is gone after a restart, the volume is not. Inductor reads the variable when it
-    compiles, so setting it before any compile is enough."""
+    """Keep torch.compile's kernels (unless TORCHINDUCTOR_CACHE_DIR is set) and the hand-written Triton
+    kernels (unless TRITON_CACHE_DIR is set; else ~/.triton) on the workspace volume: the container's
+    /tmp and home are gone after a restart, the volume is not. Both are read when a kernel compiles, so
+    setting them before any compile is enough."""
     import os
 
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ws.compile_cache_dir)
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        os.environ["TRITON_CACHE_DIR"] = str(ws.compile_cache_dir / "triton")
 
 
 def _environment_secrets() -> list[str]:

@@ -156,8 +156,12 @@ def test_compiled_kernels_are_cached_on_the_workspace_volume_unless_the_user_say
     spec.write_text(yaml.safe_dump({"workspace": str(tmp_path / "ws"), "model": {"pretrained_model_name_or_path": "models/none"},
                                     "data": {"datasets": [{"id": "clips", "source": "clips"}]}, "train": {"max_train_steps": 1}}))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # restored after the test
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
     _, ws = _open_job(spec, verbose=False)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(ws.root / "cache" / "compile")
+    assert os.environ["TRITON_CACHE_DIR"] == str(ws.root / "cache" / "compile" / "triton")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     _open_job(spec, verbose=False)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
