@@ -18,10 +18,11 @@ weights, so nothing is downloaded; the speed of a conv net does not depend on it
   workers shipping uint8 frames, float conversion on the GPU, the VAE encoder in channels-last
   layout (`data.vae_channels_last`, default on), a writer thread pool with atomic writes + fsync,
   manifests), timed end to end INCLUDING its VAE load, plus its steady rate (from the 3rd finished
-  clip on). Variants (`--variants`): b1 (the defaults: channels-last, `vae_compile: auto`, which
+  clip on). Variants (`--variants`): b1 (the defaults: channels-last, fused norm kernels, `vae_compile: auto`, which
   does not compile for a run this short), b1-compile (`vae_compile: always`; its first batch pays
   the compile), b2 (vae_batch_size 2), b1-ncdhw (channels-last off: the phase before issue #6),
-  b1-cudnn-autotune, b1-compressed.
+  b1-cudnn-autotune, b1-compressed, b1-unfused (`data.vae_fused_ops: false`: the defaults before the fused
+  RMS norm + SiLU kernel).
 
 Numerics: ours vs plain per clip (same seeds, same input): ||a - b|| / ||b|| and max |a - b|
 (bf16: expect <= ~1e-2; cuDNN may pick other kernels). Timings are wall clock with the device
@@ -96,7 +97,8 @@ def versions() -> dict:
 
 
 def spec_for(work: Path, model: Path, cache_dir: str, *, batch: int = 1, compress: bool = False, frames: int = 81,
-             resolution: int = 480, channels_last: bool = True, compile_mode: str = "auto", lanes: int = 2):
+             resolution: int = 480, channels_last: bool = True, compile_mode: str = "auto", lanes: int = 2,
+             fused_ops: bool = True):
     from job.spec import validate_data
 
     data = {
@@ -106,7 +108,7 @@ def spec_for(work: Path, model: Path, cache_dir: str, *, batch: int = 1, compres
                                "cache_dir_vae": cache_dir, "video": {"num_frames": frames}}],
                  "vae_batch_size": batch, "cache_dtype": "bf16", "vae_latent_mode": "sample", "framerate": 16,
                  "compress_disk_cache": compress, "vae_channels_last": channels_last, "vae_compile": compile_mode,
-                 "vae_concurrent_batches": lanes},
+                 "vae_concurrent_batches": lanes, "vae_fused_ops": fused_ops},
         "train": {"max_train_steps": 1, "train_batch_size": 1},
         "validation": {"enabled": False},
     }
@@ -123,9 +125,11 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny VAE, small clips: check the script on a CPU")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
     parser.add_argument("--variants", default="b1,b1-compile,b2",
-                        help="comma-separated, of: b1, b1-one-lane, b1-compile, b2, b1-ncdhw, b1-cudnn-autotune, b1-compressed")
+                        help="comma-separated, of: b1, b1-one-lane, b1-compile, b2, b1-ncdhw, b1-cudnn-autotune, b1-compressed, "
+                        "b1-unfused")
     args = parser.parse_args()
-    unknown = set(args.variants.split(",")) - {"b1", "b1-one-lane", "b1-compile", "b2", "b1-ncdhw", "b1-cudnn-autotune", "b1-compressed"}
+    unknown = set(args.variants.split(",")) - {"b1", "b1-one-lane", "b1-compile", "b2", "b1-ncdhw", "b1-cudnn-autotune", "b1-compressed",
+                                                "b1-unfused"}
     if unknown:
         parser.error(f"unknown variants: {sorted(unknown)}")
 
@@ -247,9 +251,10 @@ def main() -> int:
     loading.load_components = timed_load
 
     def run_ours(name: str, *, batch: int = 1, compress: bool = False, cudnn_benchmark: bool = phase.CUDNN_BENCHMARK,
-                 channels_last: bool = True, compile_mode: str = "auto", lanes: int = 2) -> dict:
+                 channels_last: bool = True, compile_mode: str = "auto", lanes: int = 2, fused_ops: bool = True) -> dict:
         spec_v = spec_for(work, model, f"cache/vae/{name}", batch=batch, compress=compress, frames=frames,
-                          resolution=resolution, channels_last=channels_last, compile_mode=compile_mode, lanes=lanes)
+                          resolution=resolution, channels_last=channels_last, compile_mode=compile_mode, lanes=lanes,
+                          fused_ops=fused_ops)
         ws_v = Workspace.for_spec(spec_v)
         plan_v = plan_dataset(spec_v, ws_v, show=False)
         result = phase.CacheResult(device=str(dev))
@@ -272,7 +277,8 @@ def main() -> int:
                "speedup_vs_plain": plain_s / total, "bytes_on_disk": size, "folder": str(folder),
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
                "batch": batch, "compress": compress, "cudnn_benchmark": cudnn_benchmark,
-               "channels_last": channels_last, "vae_compile": compile_mode, "vae_concurrent_batches": lanes}
+               "channels_last": channels_last, "vae_compile": compile_mode, "vae_concurrent_batches": lanes,
+               "vae_fused_ops": fused_ops}
         print(f"ours[{name}]:", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
         return out
 
@@ -280,7 +286,8 @@ def main() -> int:
     budget_end = time.perf_counter() + args.budget
     known = {"b1": {}, "b1-one-lane": {"lanes": 1}, "b1-compile": {"compile_mode": "always"}, "b2": {"batch": 2},
              "b1-ncdhw": {"channels_last": False, "compile_mode": "never"},
-             "b1-cudnn-autotune": {"cudnn_benchmark": True}, "b1-compressed": {"compress": True}}
+             "b1-cudnn-autotune": {"cudnn_benchmark": True}, "b1-compressed": {"compress": True},
+             "b1-unfused": {"fused_ops": False}}
     plan_variants = [(name, known[name]) for name in args.variants.split(",")]
     for name, kw in plan_variants:
         if variants and time.perf_counter() + plain_s > budget_end:

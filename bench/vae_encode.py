@@ -10,6 +10,10 @@ Variants (each: one warm-up encode, then `--repeats` timed ones, CUDA events, me
   cl-autotune     channels-last with cudnn.benchmark on
   compile         `torch.compile(vae.encoder)` (NCDHW; inductor may change conv layouts itself)
   cl-compile      channels-last + compile
+  cl-fused        channels-last + `data.vae_fused_ops` (job.models.sanavideo.vae_kernels: one Triton pass per
+                  RMS norm + SiLU, padding inside the convolutions), eager: the cache phase's default
+With `--decode`: the same for `vae.decode` of the clip's latents in float32 (validation's VAE dtype),
+variants dec-base (NCDHW), dec-cl, dec-cl-fused; numerics vs dec-base.
 For compile: the first call's time (compilation), graph count and graph breaks (dynamo counters).
 Numerics: the latent mode of each variant vs `base`: ||a - b|| / ||b|| and max |a - b| / max |b|;
 with `--fp32-ref` also vs an fp32 encode (how far bf16 itself is from the exact result).
@@ -39,6 +43,7 @@ def main() -> int:
     parser.add_argument("--compile-budget", type=float, default=200.0,
                         help="skip the second compile variant if the first one's compile took longer than this")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--decode", action="store_true", help="also time float32 decodes (dec-base, dec-cl, dec-cl-fused)")
     parser.add_argument("--fp32-ref", action="store_true",
                         help="also compare every variant with an fp32 encode (NCDHW, TF32 off) of the same input")
     args = parser.parse_args()
@@ -83,10 +88,14 @@ def main() -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def fresh_vae(channels_last: bool):
+    def fresh_vae(channels_last: bool, fused: bool = False, vae_dtype=None):
         vae = AutoencoderKLWan.from_config(config)
         vae.load_state_dict(state)
-        vae = vae.to(dev, dtype).eval()
+        vae = vae.to(dev, vae_dtype or dtype).eval()
+        if fused:
+            from job.models.sanavideo.vae_kernels import use_fused_vae_ops
+
+            use_fused_vae_ops(vae)
         return to_channels_last(vae) if channels_last else vae
 
     def encode(vae, x):
@@ -123,12 +132,14 @@ def main() -> int:
         (args.profile_dir / f"profile_{name}.txt").write_text(table)
         print(f"--- profile {name} (top rows)\n" + "\n".join(table.splitlines()[:18]))
 
-    variants = [("base", False, False, False), ("cl", True, False, False), ("base-autotune", False, True, False),
-                ("cl-autotune", True, True, False), ("cl-compile", True, False, True), ("compile", False, False, True)]
+    variants = [("base", False, False, False), ("cl", True, False, False), ("cl-fused", True, False, False),
+                ("base-autotune", False, True, False), ("cl-autotune", True, True, False),
+                ("cl-compile", True, False, True), ("compile", False, False, True)]
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v[0] in keep]
     ref = None
+    ref_cl = None
     ref32 = None
     if args.fp32_ref:
         tf32 = torch.backends.cudnn.allow_tf32
@@ -152,7 +163,7 @@ def main() -> int:
         report["variants"][name] = entry
         try:
             torch.backends.cudnn.benchmark = autotune
-            vae = fresh_vae(cl)
+            vae = fresh_vae(cl, fused=name.endswith("-fused"))
             x = channels_last_input(video) if cl else video
             if compiled:
                 import torch._dynamo
@@ -193,13 +204,18 @@ def main() -> int:
                 entry["nonfinite"] = True
             if ref is None:
                 ref = out
+            if name == "cl":
+                ref_cl = out
+            if name.endswith("-fused") and ref_cl is not None:
+                entry["max_abs_diff_vs_cl"] = float((out - ref_cl).abs().max())
+                entry["frac_elements_differing_vs_cl"] = float((out != ref_cl).float().mean())
             entry["rel_err_vs_base"] = float((out - ref).norm() / ref.norm())
             entry["max_abs_rel_vs_base"] = float((out - ref).abs().max() / ref.abs().max())
             entry["out_contiguous"] = out.is_contiguous()
             if ref32 is not None:
                 entry["rel_err_vs_fp32"] = float((out - ref32).norm() / ref32.norm())
                 entry["max_abs_rel_vs_fp32"] = float((out - ref32).abs().max() / ref32.abs().max())
-            if name in ("base", "cl"):
+            if name in ("base", "cl", "cl-fused"):
                 profile(vae, x, name)
             print(f"{name}: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()
                                              if k != "times_s"}))
@@ -212,6 +228,44 @@ def main() -> int:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         save()
+
+    if args.decode and ref is not None:
+        dec_ref = None
+        for name, cl, fused in (("dec-base", False, False), ("dec-cl", True, False), ("dec-cl-fused", True, True)):
+            entry = {"decode": True, "channels_last": cl, "fused": fused, "dtype": "float32"}
+            report["variants"][name] = entry
+            try:
+                vae = fresh_vae(cl, fused=fused, vae_dtype=torch.float32)
+                z = ref.to(dev, torch.float32)
+                z = channels_last_input(z) if cl else z.contiguous()
+                times = []
+                for i in range(1 + max(2, args.repeats // 2)):
+                    sync()
+                    t = time.perf_counter()
+                    with torch.no_grad():
+                        out = vae.decode(z).sample
+                    sync()
+                    times.append(time.perf_counter() - t)
+                entry["first_call_s"] = times[0]
+                entry["times_s"] = times[1:]
+                entry["median_s"] = statistics.median(times[1:])
+                out = out.float()
+                dec_ref = out if dec_ref is None else dec_ref
+                entry["rel_err_vs_base"] = float((out - dec_ref).norm() / dec_ref.norm())
+                entry["max_abs_rel_vs_base"] = float((out - dec_ref).abs().max() / dec_ref.abs().max())
+                if dev.type == "cuda":
+                    entry["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    torch.cuda.reset_peak_memory_stats()
+                print(f"{name}: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                                 for k, v in entry.items() if k != "times_s"}))
+                del vae, out
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                entry["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+                print(f"{name} failed: {entry['error']}")
+            finally:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            save()
 
     print(f"\n{info['device']} | torch {info['torch']} | cudnn {info['cudnn']} | {tuple(video.shape)} {dtype}")
     print(f"{'variant':16} {'median s':>9} {'first s':>9} {'peak GiB':>9} {'rel err':>9} {'maxrel':>9} {'vs fp32':>9}")
