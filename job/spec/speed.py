@@ -35,6 +35,14 @@ class SpeedSpec(Section):
         "exactly (LoRA- or quantisation-wrapped convs, hooks; memory.group_offload type leaf_level) keep diffusers' forward. "
         "`diffusers`: the stock forward (cuDNN convolutions).",
     )
+    fused_kernels: bool = Field(
+        True,
+        description="Hand-written Triton kernels where they exist: with `feedforward: fused`, the feed-forward's SiLU, "
+        "depthwise 3x3 and gate as one kernel (one read of the 11,200-channel activations instead of three passes). "
+        "Used only where no gradient is needed (validation renders, also during training); training itself always runs "
+        "the PyTorch/cuDNN ops, so what the model learns is unchanged. CUDA only (elsewhere the PyTorch ops run). "
+        "Off: PyTorch/cuDNN ops everywhere.",
+    )
     keep_activations_blocks: int = Field(
         0,
         ge=0,

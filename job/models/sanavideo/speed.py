@@ -16,6 +16,8 @@ how the diffusers `SanaVideoTransformer3DModel` runs, never what it computes:
   conv matmuls over channels, with none of diffusers' NCHW / (B, C, F, HW) permutes. It runs inside
   compiled blocks only (eagerly diffusers' forward was faster). Modules it does not reproduce
   exactly (adapters or quantised convs, hooks, `norm_type`) keep diffusers' forward.
+- `fused_kernels`: where no gradient is needed (validation renders), the fused feed-forward's SiLU,
+  depthwise 3x3 and gate run as one Triton kernel (`ff_kernel.py`); training keeps the ops above.
 - `compile_blocks` compiles each transformer block (regional compile: all blocks share one
   compiled graph; only CUDA, where inductor's kernels pay off).
 - `keep_activations_blocks` checkpoints all but the last N blocks (selective checkpointing),
@@ -30,6 +32,8 @@ import types
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from . import ff_kernel
 
 log = logging.getLogger("trainer.speed")
 
@@ -217,26 +221,44 @@ def _temporal_conv_plus_identity(p: torch.Tensor, weight: torch.Tensor, how: str
     raise ValueError(f"unknown temporal variant {how!r}")
 
 
+def _dwconv_kernel_applies(ff, v: torch.Tensor) -> bool:
+    """Whether `ff_kernel.ff_dwconv_silu_gate` may replace SiLU + depthwise 3x3 + gate for `v` (the
+    (N, H, W, 2C) output of conv_inverted). Only when no gradient is needed (the kernel has no backward,
+    and training keeps the exact cuDNN path, so training numerics never change); only with diffusers'
+    SiLU; only where Triton runs (CUDA); and not for inputs the kernel does not take (`unsupported`:
+    a dtype other than bf16/fp16/fp32, an odd channel count, a non-contiguous channel axis, an empty tensor)."""
+    conv = ff.conv_depth
+    grad_needed = torch.is_grad_enabled() and (
+        v.requires_grad or conv.weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad))
+    if grad_needed or type(ff.nonlinearity) is not torch.nn.SiLU:
+        return False
+    return ff_kernel.usable_on(v.device.type) and ff_kernel.unsupported(v, conv.weight, conv.bias) is None
+
+
 def glumb_forward_channels_last(ff, hidden_states: torch.Tensor, depthwise: str | None = None,
-                                temporal: str | None = None) -> torch.Tensor:
+                                temporal: str | None = None, kernels: bool = False) -> torch.Tensor:
     """What diffusers' `GLUMBTempConv.forward` computes, on (B, F, H, W, C) tokens without leaving
     that layout, with `ff`'s own parameters: the 1x1 convs as `F.linear` (plain GEMMs on the (..., C)
     tensor instead of cuDNN implicit GEMMs and their NCHW views), the depthwise 3x3 on NHWC, and the
-    temporal conv as matmuls over the channel axis (no (B, C, F, HW) permutes)."""
+    temporal conv as matmuls over the channel axis (no (B, C, F, HW) permutes). With `kernels`, SiLU +
+    depthwise + gate run as one Triton kernel where `_dwconv_kernel_applies` (inference)."""
     depthwise, temporal = depthwise or FF_DEPTHWISE, temporal or FF_TEMPORAL
     b, f, h, w, c = hidden_states.shape
     residual = hidden_states
     conv_in, conv_depth, conv_point = ff.conv_inverted, ff.conv_depth, ff.conv_point
-    u = F.linear(hidden_states, conv_in.weight.flatten(1), conv_in.bias)  # (B, F, H, W, 2 * hidden)
-    u = ff.nonlinearity(u).view(b * f, h, w, -1)
-    if depthwise == "shifted":
-        d = _depthwise3x3_shifted(u, conv_depth.weight, conv_depth.bias)
-    elif depthwise == "conv":
-        d = _depthwise3x3_conv(u, conv_depth)
+    v = F.linear(hidden_states, conv_in.weight.flatten(1), conv_in.bias).view(b * f, h, w, -1)  # 2 * hidden
+    if kernels and _dwconv_kernel_applies(ff, v):
+        x = ff_kernel.ff_dwconv_silu_gate(v, conv_depth.weight, conv_depth.bias)
     else:
-        raise ValueError(f"unknown depthwise variant {depthwise!r}")
-    x, gate = d.chunk(2, dim=-1)
-    x = x * ff.nonlinearity(gate)
+        u = ff.nonlinearity(v)
+        if depthwise == "shifted":
+            d = _depthwise3x3_shifted(u, conv_depth.weight, conv_depth.bias)
+        elif depthwise == "conv":
+            d = _depthwise3x3_conv(u, conv_depth)
+        else:
+            raise ValueError(f"unknown depthwise variant {depthwise!r}")
+        x, gate = d.chunk(2, dim=-1)
+        x = x * ff.nonlinearity(gate)
     p = F.linear(x, conv_point.weight.flatten(1), conv_point.bias).reshape(b, f, h * w, c)
     out = _temporal_conv_plus_identity(p, ff.conv_temp.weight, temporal).view(b, f, h, w, c)
     if ff.residual_connection:
@@ -263,7 +285,7 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     `compile_available` and `apply_training_speedups`)."""
     if not torch.compiler.is_compiling() or any(_wrapped(getattr(self, name)) for name in _FF_CONVS):
         return type(self).forward(self, hidden_states)
-    return glumb_forward_channels_last(self, hidden_states)
+    return glumb_forward_channels_last(self, hidden_states, kernels=getattr(self, FUSED_KERNELS_ATTR, False))
 
 
 def _plain_conv(conv, kernel: tuple[int, int], padding: tuple[int, int], groups: int | None = None) -> str | None:
@@ -318,29 +340,38 @@ def feedforward_fused(ff) -> bool:
     return getattr(ff.__dict__.get("forward"), "__func__", None) is _fused_forward
 
 
-def use_fused_feedforward(transformer) -> tuple[int, list[str]]:
+#: Instance attribute of a patched `GLUMBTempConv`: whether its fused forward may use the Triton kernel
+#: (`speed.fused_kernels`), set when the forward is bound.
+FUSED_KERNELS_ATTR = "_trainer_fused_kernels"
+
+
+def use_fused_feedforward(transformer, kernels: bool = False) -> tuple[int, list[str]]:
     """Bind the channels-last forward to every block's `GLUMBTempConv` it reproduces exactly.
 
     Per instance: the module, its parameters and its state dict stay diffusers' own (checkpoints,
-    LoRA saving and export are unchanged); `del block.ff.forward` undoes it. Returns how many were
-    patched and, for the others, why not."""
+    LoRA saving and export are unchanged); `del block.ff.forward` undoes it. `kernels`: the fused
+    forward may run SiLU + depthwise + gate as one Triton kernel when no gradient is needed (also
+    updated on modules patched before). Returns how many were patched and, for the others, why not."""
     patched, skipped = 0, []
     for i, ff in enumerate(_feedforwards(transformer)):
         if feedforward_fused(ff):
+            setattr(ff, FUSED_KERNELS_ATTR, kernels)
             continue
         why = feedforward_unfusable(ff)
         if why is not None:
             skipped.append(f"transformer_blocks.{i}.ff: {why}")
             continue
         ff.forward = types.MethodType(_fused_forward, ff)
+        setattr(ff, FUSED_KERNELS_ATTR, kernels)
         patched += 1
     return patched, skipped
 
 
-def _apply_fused_feedforward(transformer, applied: list[str]) -> None:
-    patched, skipped = use_fused_feedforward(transformer)
+def _apply_fused_feedforward(transformer, applied: list[str], kernels: bool) -> None:
+    patched, skipped = use_fused_feedforward(transformer, kernels)
     if patched:
-        applied.append(f"channels-last feed-forward ({patched} blocks, runs inside compiled blocks)")
+        applied.append(f"channels-last feed-forward ({patched} blocks, runs inside compiled blocks"
+                       + (", with the Triton SiLU/depthwise/gate kernel where no gradient is needed (CUDA))" if kernels else ")"))
     if skipped:
         log.info("speed.feedforward: diffusers' forward kept for %d module(s): %s%s", len(skipped), "; ".join(skipped[:3]),
                  " ..." if len(skipped) > 3 else "")
@@ -362,7 +393,7 @@ def apply_training_speedups(transformer, spec) -> list[str]:
             log.info("speed.feedforward: diffusers' feed-forward kept: memory.group_offload.type leaf_level "
                      "moves each conv's weights inside that conv's forward")
         else:
-            _apply_fused_feedforward(transformer, applied)
+            _apply_fused_feedforward(transformer, applied, speed.fused_kernels)
     if spec.memory.gradient_checkpointing and speed.keep_activations_blocks > 0:
         recomputed = selective_checkpointing(transformer, speed.keep_activations_blocks)
         applied.append(f"selective checkpointing ({recomputed} of {len(transformer.transformer_blocks)} blocks recomputed)")
@@ -390,7 +421,7 @@ def apply_inference_speedups(transformer, speed) -> list[str]:
     if speed.linear_attention == "fused" and use_fused_linear_attention(transformer):
         applied.append("fused linear attention")
     if getattr(speed, "feedforward", "diffusers") == "fused":
-        _apply_fused_feedforward(transformer, applied)
+        _apply_fused_feedforward(transformer, applied, getattr(speed, "fused_kernels", False))
     if speed.compile_blocks and not _blocks_compiled(transformer):
         ok, why = compile_available(transformer)
         if ok:

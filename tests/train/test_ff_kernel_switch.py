@@ -1,0 +1,43 @@
+"""`speed.fused_kernels` reaches the fused feed-forwards: validation's transformer (`apply_inference_speedups`)
+and the training transformer (`prepare_transformer`), which validation during training reuses. The kernel itself:
+tests/models/test_ff_kernel.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from job.models.sanavideo import speed as speed_mod
+from job.spec.speed import SpeedSpec
+
+
+def test_switch_reaches_the_feedforwards_for_validation_and_training(tmp_path, tiny_model):
+    from diffusers import SanaVideoTransformer3DModel
+
+    from job.models.sanavideo.tiny import TINY_TRANSFORMER_CONFIG
+    from job.train.model import prepare_transformer
+    from train_helpers import make_spec, spec_dict
+
+    def model():
+        torch.manual_seed(0)
+        return SanaVideoTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, "num_layers": 2}).eval()
+
+    def flags(m):
+        return [getattr(b.ff, speed_mod.FUSED_KERNELS_ATTR) for b in m.transformer_blocks]
+
+    m = model()
+    speed_mod.apply_inference_speedups(m, SpeedSpec(compile_blocks=False))
+    assert flags(m) == [True, True]
+    speed_mod.apply_inference_speedups(m, SpeedSpec(compile_blocks=False, fused_kernels=False))  # re-applied: updated
+    assert flags(m) == [False, False]
+    m = model()
+    without_field = SimpleNamespace(linear_attention="diffusers", feedforward="fused", compile_blocks=False)
+    speed_mod.apply_inference_speedups(m, without_field)
+    assert flags(m) == [False, False]  # a speed section without the field: off
+    m = model().train()
+    prepare_transformer(m, make_spec(spec_dict(tmp_path, tiny_model, speed={"fused_kernels": False})))
+    assert flags(m) == [False, False]
+    m = model().train()
+    prepare_transformer(m, make_spec(spec_dict(tmp_path, tiny_model)))
+    assert flags(m) == [True, True]  # used by validation during training (no grad there), never by training steps
