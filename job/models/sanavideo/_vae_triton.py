@@ -20,8 +20,9 @@ def round_to_bf16(y, ROUND: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_silu(x_ptr, gamma_ptr, bias_ptr, out_ptr, rows, channels, scale, eps, ROUND: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def rms_norm_silu(x_ptr, pre_bias_ptr, gamma_ptr, bias_ptr, out_ptr, rows, channels, scale, eps, ROUND: tl.constexpr,
+                  PRE_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     # one program: BLOCK_ROWS positions x all their channels (contiguous), read once, written once.
     # Memory-bound only if the per-element work stays small: one multiply by the row's reciprocal norm
     # (not a division per element), hardware roundings, the fast exp.
@@ -34,6 +35,8 @@ def rms_norm_silu(x_ptr, gamma_ptr, bias_ptr, out_ptr, rows, channels, scale, ep
     x_ptr += first * channels
     out_ptr += first * channels
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if PRE_BIAS:  # the producing convolution's bias, added (and rounded) as its own `add_` would
+        x = round_to_bf16(x + tl.load(pre_bias_ptr + col, mask=cmask, other=0.0).to(tl.float32)[None, :], ROUND)
     # F.normalize: x / max(||x||_2, eps), in float32, then rounded to the activation dtype
     inv = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), eps)
     y = round_to_bf16(x * inv[:, None], ROUND)
@@ -46,3 +49,20 @@ def rms_norm_silu(x_ptr, gamma_ptr, bias_ptr, out_ptr, rows, channels, scale, ep
     if SILU:
         y = round_to_bf16(y / (1.0 + tl.exp(-y)), ROUND)
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bias_residual_add(y_ptr, bias_ptr, h_ptr, out_ptr, rows, channels, ROUND: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    # (y + bias) + h with the roundings of a convolution's bias `add_` followed by the residual add
+    first = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
+    local = tl.arange(0, BLOCK_ROWS)
+    col = tl.arange(0, BLOCK_C)
+    cmask = col < channels
+    mask = (first + local < rows)[:, None] & cmask[None, :]
+    offsets = local[:, None] * channels + col[None, :]
+    y = tl.load(y_ptr + first * channels + offsets, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + first * channels + offsets, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + col, mask=cmask, other=0.0).to(tl.float32)
+    y = round_to_bf16(y + bias[None, :], ROUND)
+    tl.store(out_ptr + first * channels + offsets, (y + h).to(out_ptr.dtype.element_ty), mask=mask)

@@ -49,7 +49,8 @@ _CONV = "WanCausalConv3d"
 # owners whose forward runs `self.norm*(x)` then `self.nonlinearity(x)` and uses `nonlinearity` nowhere else
 _NORM_THEN_SILU = {"WanResidualBlock": ("norm1", "norm2"), "WanEncoder3d": ("norm_out",), "WanDecoder3d": ("norm_out",)}
 _NORM_ALONE = {"WanAttentionBlock": ("norm",)}
-_DTYPES = (torch.bfloat16, torch.float32)  # float16 would need its own rounding step
+_DTYPES = (torch.bfloat16, torch.float32)
+_CACHE_T = 2  # frames a causal conv keeps from the previous chunk (diffusers' CACHE_T)  # float16 would need its own rounding step
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -61,7 +62,7 @@ def _kernel():
 
     from job.models.sanavideo import _vae_triton
 
-    return triton, _vae_triton.rms_norm_silu
+    return triton, _vae_triton
 
 
 def _channels_innermost(x: torch.Tensor) -> bool:
@@ -89,23 +90,39 @@ def _round_mode(x: torch.Tensor) -> int:
     return 2 if x.device.type == "cpu" else 1
 
 
-def fused_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias, scale: float, eps: float = 1e-12,
-                   silu: bool = False) -> torch.Tensor:
-    """`WanRMS_norm` over dim 1 (then SiLU if asked) of a channels-innermost tensor, in one pass.
-
-    Caller checks `fused_rms_norm_usable` first. The output has x's shape, dtype and strides."""
-    triton, kernel = _kernel()
+def _launch(kernel, x: torch.Tensor, *args, **meta) -> None:
+    """Run `kernel` over x's positions (rows) x channels, a block of rows per program."""
+    triton, _ = _kernel()
     channels = x.shape[1]
     rows = x.numel() // channels
-    out = torch.empty_like(x)  # preserve_format: channels-last in, channels-last out
     block_c = triton.next_power_of_2(channels)
     block_rows = max(1, min(64, 8192 // block_c))
-    has_bias = isinstance(bias, torch.Tensor)
-    grid = (triton.cdiv(rows, block_rows),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
-        kernel[grid](x, gamma.reshape(-1), bias.reshape(-1) if has_bias else gamma, out, rows, channels, float(scale),
-                     float(eps), ROUND=_round_mode(x), HAS_BIAS=has_bias, SILU=silu, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
-                     num_warps=4 if block_c <= 256 else 8)
+        kernel[(triton.cdiv(rows, block_rows),)](*args, rows, channels, *meta.pop("scalars", ()), ROUND=_round_mode(x),
+                                                 BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+                                                 num_warps=4 if block_c <= 256 else 8, **meta)
+
+
+def fused_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias, scale: float, eps: float = 1e-12,
+                   silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`WanRMS_norm` over dim 1 (then SiLU if asked) of a channels-innermost tensor, in one pass; with
+    `pre_bias`, of `x + pre_bias` (a convolution's bias, added here instead of in its own pass).
+
+    Caller checks `fused_rms_norm_usable` first. The output has x's shape, dtype and strides."""
+    _, kernels = _kernel()
+    out = torch.empty_like(x)  # preserve_format: channels-last in, channels-last out
+    has_bias = isinstance(bias, torch.Tensor)
+    _launch(kernels.rms_norm_silu, x, x, pre_bias if pre_bias is not None else gamma, gamma.reshape(-1),
+            bias.reshape(-1) if has_bias else gamma, out, scalars=(float(scale), float(eps)),
+            PRE_BIAS=pre_bias is not None, HAS_BIAS=has_bias, SILU=silu)
+    return out
+
+
+def fused_bias_residual(y: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(y + bias) + h in one pass: a convolution's bias and the residual add after it."""
+    _, kernels = _kernel()
+    out = torch.empty_like(y)
+    _launch(kernels.bias_residual_add, y, y, bias, h, out)
     return out
 
 
@@ -181,16 +198,68 @@ def _causal_conv_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = N
     zeros added by the convolution instead of an `F.pad` copy of the input."""
     if torch.compiler.is_compiling() or not kernels_usable(x):
         return type(self).forward(self, x, cache_x)
-    pad_w, _, pad_h, _, pad_t, _ = self._padding
+    return _causal_conv(self, x, cache_x, self.bias)
+
+
+def _causal_conv(conv, x: torch.Tensor, cache_x: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    pad_w, _, pad_h, _, pad_t, _ = conv._padding
     if cache_x is not None and pad_t > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         pad_t -= cache_x.shape[2]
     if pad_t > 0:
         x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
-    weight = self.weight
-    if x.shape[1] < MIN_CONV_CHANNELS and _channels_innermost(x) and self.groups == 1:
+    weight = conv.weight
+    if x.shape[1] < MIN_CONV_CHANNELS and _channels_innermost(x) and conv.groups == 1:
         x, weight = _zero_channels(x, MIN_CONV_CHANNELS), _zero_channels(weight, MIN_CONV_CHANNELS)
-    return F.conv3d(x, weight, self.bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
+    return F.conv3d(x, weight, bias, conv.stride, (0, pad_h, pad_w), conv.dilation, conv.groups)
+
+
+def _conv_without_bias(conv, x: torch.Tensor, feat_cache, feat_idx) -> torch.Tensor:
+    """A residual block's causal conv with diffusers' frame-cache bookkeeping (`WanResidualBlock.forward`),
+    its bias left for the next fused kernel to add."""
+    if feat_cache is None:
+        return _causal_conv(conv, x, None, None)
+    idx = feat_idx[0]
+    cache_x = x[:, :, -_CACHE_T:].clone()
+    if cache_x.shape[2] < 2 and feat_cache[idx] is not None:
+        cache_x = torch.cat([feat_cache[idx][:, :, -1].unsqueeze(2).to(cache_x.device), cache_x], dim=2)
+    out = _causal_conv(conv, x, feat_cache[idx], None)
+    feat_cache[idx] = cache_x
+    feat_idx[0] += 1
+    return out
+
+
+def _channel_view(bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return bias.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _resblock_fast(block, x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or not fused_rms_norm_usable(x, block.norm1.gamma, block.norm1.bias):
+        return False
+    if block.training and block.dropout.p > 0:
+        return False
+    return all(type(c).__name__ == _CONV and isinstance(c.bias, torch.Tensor) and c.bias.dtype == x.dtype
+               for c in (block.conv1, block.conv2))
+
+
+def _resblock_forward(self, x: torch.Tensor, feat_cache=None, feat_idx=[0]) -> torch.Tensor:  # noqa: B006 - diffusers' signature
+    """Bound to a `WanResidualBlock` instance: diffusers' forward (shortcut; norm1, SiLU, conv1; norm2,
+    SiLU, dropout, conv2; + shortcut) with each conv's bias added inside the next fused kernel (norm2's,
+    then the residual add's) instead of a pass of its own."""
+    if not _resblock_fast(self, x):
+        return type(self).forward(self, x, feat_cache, feat_idx)
+    h = self.conv_shortcut(x)
+    y = fused_rms_norm(x, self.norm1.gamma, self.norm1.bias, self.norm1.scale, silu=True)
+    y = _conv_without_bias(self.conv1, y, feat_cache, feat_idx)
+    if fused_rms_norm_usable(y, self.norm2.gamma, self.norm2.bias):
+        y = fused_rms_norm(y, self.norm2.gamma, self.norm2.bias, self.norm2.scale, silu=True, pre_bias=self.conv1.bias)
+    else:
+        y = F.silu(type(self.norm2).forward(self.norm2, y + _channel_view(self.conv1.bias, y)))
+    y = self.dropout(y)
+    y = _conv_without_bias(self.conv2, y, feat_cache, feat_idx)
+    if y.shape == h.shape and y.stride() == h.stride() and _channels_innermost(y) and kernels_usable(y):
+        return fused_bias_residual(y, self.conv2.bias, h)
+    return (y + _channel_view(self.conv2.bias, y)) + h
 
 
 #: The encoder's first conv reads 3 (RGB) channels: channels-last cuDNN has no tensor-core kernel for
@@ -240,6 +309,9 @@ def use_fused_vae_ops(module: nn.Module) -> int:
             patched += 1
         if silu_norms:
             owner.nonlinearity = nn.Identity()  # the SiLU now runs inside the norms above
+            if kind == "WanResidualBlock" and not _patched(owner):
+                owner.forward = types.MethodType(_resblock_forward, owner)
+                patched += 1
     if patched:
         log.debug("fused Wan VAE ops: %d modules patched", patched)
     return patched
