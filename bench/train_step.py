@@ -410,7 +410,25 @@ def run_validation(args, results: dict, save):
         print(f"[validation] plain: forward {res['median_s']:.3f} s, 50 steps {res['transformer_50_steps_s']:.1f} s", flush=True)
         from diffusers import AutoencoderKLWan, DPMSolverMultistepScheduler
 
-        components = SimpleNamespace(transformer=model, vae=AutoencoderKLWan(z_dim=4, base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+        # the render's last part: the Wan VAE (SANA-Video's: the class defaults) decodes the clip's latents in
+        # float32, as validation loads it; plain = stock modules, then the same weights through build_pipeline
+        vae = AutoencoderKLWan() if not args.tiny else AutoencoderKLWan(z_dim=4, base_dim=8, dim_mult=[1, 1, 1, 1],
+                                                                        num_res_blocks=1)
+        device = "cuda" if cuda() else "cpu"
+        vae = vae.to(device, torch.float32).eval()
+        latents = torch.randn(1, vae.config.z_dim, *sh["latent"][2:], device=device)
+
+        def decode():
+            with torch.no_grad():
+                return vae.decode(latents).sample
+
+        decoded_plain = decode().float()
+        res.update({f"vae_decode_{k}": v for k, v in timed(decode, 0, args.vae_iters).items() if k in ("median_s", "times_s")})
+        res["total_s"] = res["transformer_50_steps_s"] + res["vae_decode_median_s"]
+        save()
+        print(f"[validation] plain: VAE decode {res['vae_decode_median_s']:.2f} s, total {res['total_s']:.1f} s", flush=True)
+
+        components = SimpleNamespace(transformer=model, vae=vae,
                                      scheduler=DPMSolverMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True,
                                                                            prediction_type="flow_prediction"))
         pipe = build_pipeline(components, speed=SpeedSpec())  # the job's validation builder (speed defaults)
@@ -419,8 +437,17 @@ def run_validation(args, results: dict, save):
         res["transformer_50_steps_s"] = 50 * res["median_s"]
         res["output_rel_err"] = float((out - ref).norm() / ref.norm())
         res["speedup_vs_plain"] = section["plain"]["median_s"] / res["median_s"]
+        if args.profile:
+            res["profile_top"] = profile_table(lambda: forward(pipe.transformer), args.out.parent / "profile_validation_job.txt")
+        decoded_job = decode().float()  # pipe.vae is `vae`, now as build_pipeline set it up
+        res.update({f"vae_decode_{k}": v for k, v in timed(decode, 0, args.vae_iters).items() if k in ("median_s", "times_s")})
+        res["vae_decode_rel_err"] = float((decoded_job - decoded_plain).norm() / decoded_plain.norm())
+        res["total_s"] = res["transformer_50_steps_s"] + res["vae_decode_median_s"]
+        res["total_vs_plain"] = res["total_s"] / section["plain"]["total_s"]
         section["job"] = res
         save()
+        print(f"[validation] job: VAE decode {res['vae_decode_median_s']:.2f} s (rel err {res['vae_decode_rel_err']:.1e}), "
+              f"total {res['total_s']:.1f} s = {res['total_vs_plain']:.3f}x plain", flush=True)
         print(f"[validation] job: forward {res['median_s']:.3f} s, 50 steps {res['transformer_50_steps_s']:.1f} s, "
               f"x{res['speedup_vs_plain']:.2f}, output rel err {res['output_rel_err']:.2e}", flush=True)
     except Exception as exc:  # noqa: BLE001
@@ -459,6 +486,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--val-iters", type=int, default=5)
+    p.add_argument("--vae-iters", type=int, default=2, help="timed float32 VAE decodes per validation path")
     p.add_argument("--sections", default="full,lora,validation", help="comma list of full, lora, validation")
     p.add_argument("--full-variants", default=",".join(FULL_VARIANTS), help="comma list of " + ", ".join(FULL_VARIANTS))
     p.add_argument("--lora-variants", default=",".join(LORA_VARIANTS), help="comma list of " + ", ".join(LORA_VARIANTS))
@@ -511,6 +539,9 @@ def print_table(results: dict) -> None:
         if name in v:
             print(f"| validation/{name} (50 steps, CFG) | {v[name]['transformer_50_steps_s']:.1f} s | {v[name]['peak_gib']:.1f} | "
                   f"{v[name].get('speedup_vs_plain', 1.0):.2f} | | | |")
+            if "total_s" in v[name]:
+                print(f"| validation/{name} + float32 VAE decode ({v[name]['vae_decode_median_s']:.2f} s) | "
+                      f"{v[name]['total_s']:.1f} s | | {v[name].get('total_vs_plain', 1.0):.3f}x plain time | | | |")
 
 
 if __name__ == "__main__":
