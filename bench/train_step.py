@@ -69,7 +69,11 @@ FULL_VARIANTS = {
     "job-autocast-no-speedups": {"mixed_precision": "bf16", "compile_blocks": False, "linear_attention": "diffusers"},
 }
 LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward": "diffusers"},
-                 "job-lora-keep8": {"keep_activations_blocks": 8}}
+                 "job-lora-keep8": {"keep_activations_blocks": 8},
+                 # no block recomputed whole; the compiler recomputes elementwise work within the memory budget
+                 "job-lora-keep20-budget0.5": {"keep_activations_blocks": 20, "activation_memory_budget": 0.5},
+                 "job-lora-keep20-budget0.3": {"keep_activations_blocks": 20, "activation_memory_budget": 0.3},
+                 "job-lora-keep20-budget0.15": {"keep_activations_blocks": 20, "activation_memory_budget": 0.15}}
 
 
 # ------------------------------------------------------------------------------------ helpers

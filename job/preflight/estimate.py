@@ -63,6 +63,13 @@ BWD_WORK_PER_TOKEN_CHANNEL = {"bf16": 1.5, "autocast": 6.0, "autocast_fp32": 6.0
 #: weight needs no gradient does not keep its input); each adapted layer fed by the video tokens
 #: keeps a bf16 copy of its input for lora_A and has fp32 casts of it in flight (peft casts the
 #: input to the adapter dtype): per unit of in_features / inner_dim (`lora_token_width`).
+#: A compiled block that keeps its activations (`speed.keep_activations_blocks` with `compile_blocks`):
+#: fitted on H100 runs of the job's own step (bench/train_step.py, bench/RESULTS.md): LoRA r64 keep 8
+#: 46.5 GiB, full bf16 keep 8 54.2 GiB -> ~60 per (token x channel x sample) at budget 1. With
+#: `speed.activation_memory_budget` below 1 the compiler saves a fraction of that, measured for LoRA
+#: with all 20 blocks kept (budget 0.15 / 0.3 / 0.5: 22.5 / 34.0 / 42.9 GiB); linear in between.
+KEPT_COMPILED_PER_TOKEN_CHANNEL = 60.0
+KEPT_BUDGET_FRACTION = ((0.0, 0.0), (0.15, 0.129), (0.3, 0.270), (0.5, 0.378), (1.0, 1.0))
 FROZEN_SAVED_FRACTION = 0.776
 LORA_SAVED_PER_WIDTH = 2.0
 LORA_FWD_WORK_PER_WIDTH = 2.0
@@ -133,6 +140,9 @@ class EstimateInputs:
     lora_params: int = 0
     lora_token_width: float = 0.0    # sum of in_features / inner_dim of the LoRA layers fed by video tokens, per block
     gradient_checkpointing: bool = True
+    kept_blocks: int = 0             # speed.keep_activations_blocks (with checkpointing)
+    activation_budget: float = 1.0   # speed.activation_memory_budget
+    compiled: bool = True            # speed.compile_blocks (and not group offload)
     group_offload: bool = False
     group_offload_type: str = "block_level"
     blocks_per_group: int = 1
@@ -261,6 +271,21 @@ def saved_per_block(inp: EstimateInputs) -> float:
     return coeff * _tokens_channels(inp)
 
 
+def _budget_fraction(budget: float) -> float:
+    points = KEPT_BUDGET_FRACTION
+    for (b0, f0), (b1, f1) in zip(points, points[1:]):
+        if budget <= b1:
+            return f0 + (f1 - f0) * (max(budget, b0) - b0) / (b1 - b0)
+    return 1.0
+
+
+def kept_per_block(inp: EstimateInputs) -> float:
+    """Activations a block keeps when it is not checkpointed (`speed.keep_activations_blocks`)."""
+    if not inp.compiled:
+        return saved_per_block(inp)
+    return KEPT_COMPILED_PER_TOKEN_CHANNEL * _budget_fraction(inp.activation_budget) * _tokens_channels(inp)
+
+
 def checkpoint_input_per_block(inp: EstimateInputs) -> float:
     """With gradient checkpointing a block keeps only its input hidden states."""
     return STORED_CKPT_PER_TOKEN_CHANNEL[inp.mode] * _tokens_channels(inp)
@@ -317,18 +342,21 @@ def training_phases(inp: EstimateInputs) -> dict[str, dict[str, float]]:
     else:
         grad_block = grads_total / max(1, L)
     stored = checkpoint_input_per_block(inp) if inp.gradient_checkpointing else saved_per_block(inp)
+    kept = min(inp.kept_blocks, L) if inp.gradient_checkpointing else 0
+    all_stored = (L - kept) * stored + kept * (kept_per_block(inp) if kept else 0.0)  # the kept are the last blocks
     io = io_bytes(inp)
     ddp = grads_total if inp.processes > 1 else 0.0
 
     forward = dict(resident)
-    forward.update(activations_saved=L * stored, block_working_set=forward_work(inp), inputs_and_loss=io,
+    forward.update(activations_saved=all_stored, block_working_set=forward_work(inp), inputs_and_loss=io,
                    autocast_weight_cache=autocast_cache_bytes(inp))
     # Backward: block k holds the saved activations of blocks 0..k and the gradients of blocks
-    # k+1..L-1; the total is linear in k, so the peak is at k = L-1 or k = 0.
-    if L * stored >= stored + (L - 1) * grad_block:
-        act, grads = L * stored, 0.0
+    # k+1..L-1; the total is (about) linear in k, so the peak is at k = L-1 or k = 0.
+    first = stored if kept < L else kept_per_block(inp)
+    if all_stored >= first + (L - 1) * grad_block:
+        act, grads = all_stored, 0.0
     else:
-        act, grads = stored, (L - 1) * grad_block
+        act, grads = first, (L - 1) * grad_block
     backward = dict(resident)
     backward.update(activations_saved=act, gradients=grads, inputs_and_loss=io, ddp_gradient_buckets=ddp,
                     block_recompute=saved_per_block(inp) if inp.gradient_checkpointing else 0.0,
@@ -482,6 +510,9 @@ def inputs_from_spec(spec, transformer_config: Mapping[str, Any] | None = None, 
         lora_params=lora_param_count(transformer_config, model.lora.rank, model.lora.target_modules) if lora else 0,
         lora_token_width=lora_token_width(transformer_config, model.lora.target_modules) if lora else 0.0,
         gradient_checkpointing=mem.gradient_checkpointing,
+        kept_blocks=spec.speed.keep_activations_blocks,
+        activation_budget=spec.speed.activation_memory_budget,
+        compiled=spec.speed.compile_blocks and not mem.group_offload.enabled,
         group_offload=mem.group_offload.enabled,
         group_offload_type=mem.group_offload.type,
         blocks_per_group=mem.group_offload.blocks_per_group,

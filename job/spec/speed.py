@@ -51,3 +51,15 @@ class SpeedSpec(Section):
         "that grows with frames x pixels (about 4.4 GiB per block at 81x832x480, batch 1, compiled, for about 13 ms "
         "less per step on an H100; see bench/RESULTS.md). 0 = recompute every block (the safe default).",
     )
+    activation_memory_budget: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="With compile_blocks, for the blocks that keep their activations (keep_activations_blocks): the "
+        "fraction of a compiled block's activations its backward pass may keep (torch.compile's "
+        "`activation_memory_budget`). Below 1 the compiler recomputes the cheapest operations (elementwise work, not "
+        "matrix products) in the backward pass instead of saving their outputs, so more blocks can keep their "
+        "activations in the same memory. Measured on an H100 (LoRA r64, 81x832x480, batch 1, bench/RESULTS.md): every "
+        "block recomputed 0.97 s/step at 12 GiB; all 20 blocks kept with budget 0.15 / 0.3 / 0.5: 0.84 s at 23 GiB, "
+        "0.78 s at 34 GiB, 0.73 s at 43 GiB. 1.0 = torch's default (about 4.3 GiB per kept block at that size).",
+    )

@@ -87,6 +87,15 @@ MEASURED = [
     # job.train.offload (bench/offload_quant.py): blocks' weights, gradients and AdamW states in CPU RAM
     ("full-bf16-autocast-ckpt-groupoffload (trainer's offload)", "full", "bf16", True, True, 81, 480, 832, 1, 11.96,
      {"group_offload": True}),
+    # the job's own compiled step with blocks that keep their activations (bench/train_step.py, bench/RESULTS.md)
+    ("lora64-keep8-compiled (job step)", "lora", "bf16", True, True, 81, 480, 832, 1, 46.5, {"speed": {"keep_activations_blocks": 8}}),
+    ("lora64-keep20-budget0.15 (job step)", "lora", "bf16", True, True, 81, 480, 832, 1, 22.53,
+     {"speed": {"keep_activations_blocks": 20, "activation_memory_budget": 0.15}}),
+    ("lora64-keep20-budget0.3 (job step)", "lora", "bf16", True, True, 81, 480, 832, 1, 34.01,
+     {"speed": {"keep_activations_blocks": 20, "activation_memory_budget": 0.3}}),
+    ("lora64-keep20-budget0.5 (job step)", "lora", "bf16", True, True, 81, 480, 832, 1, 42.9,
+     {"speed": {"keep_activations_blocks": 20, "activation_memory_budget": 0.5}}),
+    ("full-bf16-keep8-compiled (job step)", "full", "bf16", False, True, 81, 480, 832, 1, 54.2, {"speed": {"keep_activations_blocks": 8}}),
     # measured before the bench existed (same setup), given with the task
     ("prior full-bf16-ckpt", "full", "bf16", False, True, 81, 480, 832, 1, 22.3),
     ("prior full-fp32master-autocast-ckpt", "full", "fp32", True, True, 81, 480, 832, 1, 38.0),
@@ -100,7 +109,7 @@ def bench_inputs(make_spec, kind, weights, autocast, ckpt, frames, height, width
                      train={"mixed_precision": "bf16" if autocast else "no", "optimizer": extra.get("optimizer", "adamw"),
                             "train_batch_size": batch},
                      memory={"gradient_checkpointing": ckpt, "group_offload": {"enabled": extra.get("group_offload", False)}},
-                     validation={"enabled": False})
+                     validation={"enabled": False}, speed=extra.get("speed", {}))
     if kind == "lora":
         overrides["model"]["lora"] = extra.get("lora", {"rank": 64, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})
     return inputs_from_spec(make_spec(**overrides), None, frames=frames, height=height, width=width)

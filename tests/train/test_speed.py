@@ -148,6 +148,21 @@ def test_compile_is_applied_per_block_where_available(tmp_path, tiny_model, monk
     assert inductor_config.triton.mix_order_reduction is False  # pytorch#193061: wrong modulation gradients
 
 
+def test_activation_memory_budget_reaches_the_compiler_config(tmp_path, tiny_model, monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(speed_mod, "compile_available", lambda transformer: (True, ""))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+    spec = _spec(tmp_path, tiny_model, speed={"keep_activations_blocks": 2, "activation_memory_budget": 0.3})
+    prepare_transformer(_model(torch.float32, layers=2), spec)
+    assert functorch_config.activation_memory_budget == 0.3
+    prepare_transformer(_model(torch.float32, layers=2), _spec(tmp_path, tiny_model))  # the default puts 1.0 back
+    assert functorch_config.activation_memory_budget == 1.0
+    with pytest.raises(Exception, match="activation_memory_budget"):
+        _spec(tmp_path, tiny_model, speed={"activation_memory_budget": 1.5})
+
+
 def test_validation_pipeline_gets_the_speedups(tiny_model):
     from job.models.sanavideo.loading import load_components
     from job.models.sanavideo.validation import build_pipeline

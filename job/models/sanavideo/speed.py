@@ -132,11 +132,18 @@ def avoid_inductor_miscompiles() -> list[str]:
     return []
 
 
-def compile_blocks(transformer) -> int:
+def compile_blocks(transformer, activation_memory_budget: float | None = None) -> int:
     """`torch.compile` each transformer block in place (`nn.Module.compile`); returns how many.
 
-    Shapes are static per bucket; a second bucket recompiles once with dynamic shapes."""
+    Shapes are static per bucket; a second bucket recompiles once with dynamic shapes.
+    `activation_memory_budget` (`speed.activation_memory_budget`) is set in torch's functorch config,
+    which the compiler reads when it partitions a block's graph for the backward pass (first call)."""
     avoid_inductor_miscompiles()
+    if activation_memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "activation_memory_budget"):
+            functorch_config.activation_memory_budget = float(activation_memory_budget)
     compiled = 0
     for block in transformer.transformer_blocks:
         if getattr(block, "_compiled_call_impl", None) is None:
@@ -402,8 +409,9 @@ def apply_training_speedups(transformer, spec) -> list[str]:
         if ok and spec.memory.group_offload.enabled:  # the hooks are added after this call
             ok, why = False, "memory.group_offload moves weights inside the blocks"
         if ok:
-            compile_blocks(transformer)
-            applied.append("regional torch.compile")
+            compile_blocks(transformer, speed.activation_memory_budget)
+            applied.append("regional torch.compile" + (f" (activation memory budget {speed.activation_memory_budget:g})"
+                                                        if speed.activation_memory_budget < 1 else ""))
         else:
             log.info("speed.compile_blocks: not compiling: %s", why)
     if applied:
