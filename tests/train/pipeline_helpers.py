@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +27,20 @@ def pipeline_spec(workspace: Path, model_path: Path, dataset: dict[str, Any] | N
 
 
 def loaded(workspace: Path, model_path: Path, dataset: dict[str, Any] | None = None, **sections: dict[str, Any]):
-    """`pipeline_spec`'s spec as a LoadedSpec (with its warnings); raises SpecErrors for bad ones."""
-    data: dict[str, Any] = {
+    """`pipeline_spec`'s spec as a LoadedSpec (with its warnings); raises SpecErrors for bad ones. The train
+    tests' base spec (`train_helpers.spec_dict`) with a real dataset of clips to cache."""
+    from train_helpers import spec_dict
+
+    overrides: dict[str, Any] = {
         "name": "tiny-pipeline",
-        "workspace": str(workspace),
-        "model": {"pretrained_model_name_or_path": str(model_path), "base_model_precision": "fp32",
-                  "prompt": {"max_sequence_length": 8}},
         "data": {"datasets": [{"id": "clips", "source": "clips", "caption_strategy": "textfile", "resolution": SIZE,
                                "resolution_type": "pixel", "video": {"num_frames": FRAMES}, **(dataset or {})}],
                  "text_embeds": {"cache_dir": "cache/text"}, "vae_batch_size": 2, "cache_dtype": "fp32", "framerate": 8},
-        "train": {"max_train_steps": 2, "mixed_precision": "no", "optimizer": "adamw", "learning_rate": 1e-3,
-                  "lr_scheduler": "constant", "train_batch_size": 1, "caption_dropout_probability": 0.0, "seed": 7},
-        "memory": {"gradient_checkpointing": False},
-        "validation": {"enabled": False},
-        "checkpoints": {"step_interval": 1000, "total_limit": 3},
+        "train": {"max_train_steps": 2},
     }
     for section, values in sections.items():
-        merged = copy.deepcopy(data[section])
-        merged.update(values)
-        data[section] = merged
-    return validate_data(data, "<test>", env={})
+        overrides[section] = {**overrides.get(section, {}), **values}
+    return validate_data(spec_dict(workspace, model_path, **overrides), "<test>", env={})
 
 
 def cache(spec, ws):
