@@ -38,7 +38,9 @@ class SpeedSpec(Section):
     fused_kernels: bool = Field(
         True,
         description="Hand-written Triton kernels where they exist: with `feedforward: fused`, the feed-forward's SiLU, "
-        "depthwise 3x3 and gate as one kernel (one read of the 11,200-channel activations instead of three passes). "
+        "depthwise 3x3 and gate as one kernel (one read of the 11,200-channel activations instead of three passes); with "
+        "`linear_attention: fused`, the self-attention's two sums over tokens (v^T k and its product with q, bf16 inputs) "
+        "on the tensor cores with float32 accumulation instead of float32 matrix products on float32 copies. "
         "Used only where no gradient is needed (validation renders, also during training); training itself always runs "
         "the PyTorch/cuDNN ops, so what the model learns is unchanged. CUDA only (elsewhere the PyTorch ops run). "
         "Off: PyTorch/cuDNN ops everywhere.",

@@ -17,7 +17,8 @@ how the diffusers `SanaVideoTransformer3DModel` runs, never what it computes:
   compiled blocks only (eagerly diffusers' forward was faster). Modules it does not reproduce
   exactly (adapters or quantised convs, hooks, `norm_type`) keep diffusers' forward.
 - `fused_kernels`: where no gradient is needed (validation renders), the fused feed-forward's SiLU,
-  depthwise 3x3 and gate run as one Triton kernel (`ff_kernel.py`); training keeps the ops above.
+  depthwise 3x3 and gate run as one Triton kernel (`ff_kernel.py`), and the fused linear attention's two
+  token reductions as two Triton kernels on the tensor cores (`attn_kernel.py`); training keeps the ops above.
 - `compile_blocks` compiles each transformer block (regional compile: all blocks share one
   compiled graph; only CUDA, where inductor's kernels pay off).
 - `keep_activations_blocks` checkpoints all but the last N blocks (selective checkpointing),
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import ff_kernel
+from . import attn_kernel, ff_kernel
 
 log = logging.getLogger("trainer.speed")
 
@@ -59,6 +60,11 @@ class FusedLinearAttnProcessor:
 
     fused = True  # marks the processor for `apply_*` (idempotent) and tests
 
+    def __init__(self, kernels: bool = False):
+        #: `speed.fused_kernels`: the two token reductions may run as Triton kernels when no gradient is needed
+        #: (`attn_kernel`, `_attn_kernels_apply`); set by `use_fused_linear_attention`
+        self.kernels = kernels
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
         original_dtype = hidden_states.dtype
@@ -80,25 +86,46 @@ class FusedLinearAttnProcessor:
         else:
             query_rotate, key_rotate = query, key
 
-        key_sum = key.float().sum(dim=1)  # B, H, C
-        z = 1.0 / (torch.einsum("bnhc,bhc->bnh", query.float(), key_sum) + 1e-15)
-        scores = torch.einsum("bnhc,bnhd->bhcd", value.float(), key_rotate.float())  # B, H, C, C
-        out = torch.einsum("bhcd,bnhd->bnhc", scores, query_rotate.float()) * z.unsqueeze(-1)
-        out = out.flatten(2).to(original_dtype)
+        if self.kernels and _attn_kernels_apply(query, key, value, query_rotate, key_rotate):
+            out = attn_kernel.linear_attention(query, key, value, query_rotate, key_rotate)  # bf16, B, N, H, C
+            out = out.flatten(2).to(original_dtype)
+        else:
+            key_sum = key.float().sum(dim=1)  # B, H, C
+            z = 1.0 / (torch.einsum("bnhc,bhc->bnh", query.float(), key_sum) + 1e-15)
+            scores = torch.einsum("bnhc,bnhd->bhcd", value.float(), key_rotate.float())  # B, H, C, C
+            out = torch.einsum("bhcd,bnhd->bnhc", scores, query_rotate.float()) * z.unsqueeze(-1)
+            out = out.flatten(2).to(original_dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def _attn_kernels_apply(query, key, value, query_rotate, key_rotate) -> bool:
+    """Whether `attn_kernel.linear_attention` may replace the float32 einsums. Only when no gradient is needed
+    (the kernels have no backward, and training keeps the einsums, so training numerics never change; q, k and
+    v carry every parameter's requires_grad, the rotary tables have none); only where Triton runs (CUDA); and
+    not for inputs the kernels do not take (`attn_kernel.unsupported`: a dtype other than bf16, a head dim
+    over 128, heads/channels not contiguous within a token, empty tensors)."""
+    grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if grad_needed:
+        return False
+    return attn_kernel.usable_on(query.device.type) and \
+        attn_kernel.unsupported(query, key, value, query_rotate, key_rotate) is None
 
 
 def _self_attentions(transformer):
     return [block.attn1 for block in transformer.transformer_blocks]
 
 
-def use_fused_linear_attention(transformer) -> int:
-    """Swap every block's self-attention processor; returns how many were swapped."""
+def use_fused_linear_attention(transformer, kernels: bool = False) -> int:
+    """Swap every block's self-attention processor; returns how many were swapped. `kernels`
+    (`speed.fused_kernels`): the processors may run the token reductions as Triton kernels when no gradient
+    is needed (also updated on processors swapped before)."""
     swapped = 0
     for attn in _self_attentions(transformer):
-        if not getattr(attn.processor, "fused", False):
-            attn.set_processor(FusedLinearAttnProcessor())
+        if getattr(attn.processor, "fused", False):
+            attn.processor.kernels = kernels
+        else:
+            attn.set_processor(FusedLinearAttnProcessor(kernels=kernels))
             swapped += 1
     return swapped
 
@@ -386,12 +413,16 @@ def _apply_fused_feedforward(transformer, applied: list[str], kernels: bool) -> 
 
 # --------------------------------------------------------------------------- entry points
 
+def _attn_kernels_note(kernels: bool) -> str:
+    return " (its token reductions as Triton kernels where no gradient is needed (CUDA))" if kernels else ""
+
+
 def apply_training_speedups(transformer, spec) -> list[str]:
     """Apply `spec.speed` to a transformer prepared for training (after LoRA / quantisation /
     checkpointing are set up). Returns what was applied, for the log."""
     speed, applied = spec.speed, []
-    if speed.linear_attention == "fused" and use_fused_linear_attention(transformer):
-        applied.append("fused linear attention")
+    if speed.linear_attention == "fused" and use_fused_linear_attention(transformer, speed.fused_kernels):
+        applied.append("fused linear attention" + _attn_kernels_note(speed.fused_kernels))
     if speed.feedforward == "fused":
         offload = spec.memory.group_offload
         if offload.enabled and offload.type == "leaf_level":
@@ -426,8 +457,9 @@ def apply_inference_speedups(transformer, speed) -> list[str]:
     if transformer.training:
         return []
     applied = []
-    if speed.linear_attention == "fused" and use_fused_linear_attention(transformer):
-        applied.append("fused linear attention")
+    kernels = getattr(speed, "fused_kernels", False)
+    if speed.linear_attention == "fused" and use_fused_linear_attention(transformer, kernels):
+        applied.append("fused linear attention" + _attn_kernels_note(kernels))
     if getattr(speed, "feedforward", "diffusers") == "fused":
         _apply_fused_feedforward(transformer, applied, getattr(speed, "fused_kernels", False))
     if speed.compile_blocks and not _blocks_compiled(transformer):
