@@ -153,12 +153,13 @@ def test_activation_memory_budget_reaches_the_compiler_config(tmp_path, tiny_mod
 
     monkeypatch.setattr(speed_mod, "compile_available", lambda transformer: (True, ""))
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
     spec = _spec(tmp_path, tiny_model, speed={"keep_activations_blocks": 2, "activation_memory_budget": 0.3})
-    prepare_transformer(_model(torch.float32, layers=2), spec)
-    assert functorch_config.activation_memory_budget == 0.3
-    prepare_transformer(_model(torch.float32, layers=2), _spec(tmp_path, tiny_model))  # the default puts 1.0 back
-    assert functorch_config.activation_memory_budget == 1.0
+    # (config.patch, not monkeypatch: monkeypatch's undo deletes the attribute, which hides the option for good)
+    with functorch_config.patch(activation_memory_budget=1.0):
+        prepare_transformer(_model(torch.float32, layers=2), spec)
+        assert functorch_config.activation_memory_budget == 0.3
+        prepare_transformer(_model(torch.float32, layers=2), _spec(tmp_path, tiny_model))  # the default puts 1.0 back
+        assert functorch_config.activation_memory_budget == 1.0
     with pytest.raises(Exception, match="activation_memory_budget"):
         _spec(tmp_path, tiny_model, speed={"activation_memory_budget": 1.5})
 
