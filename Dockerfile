@@ -36,11 +36,12 @@ RUN apt-get update \
 
 # Dependencies first (a layer that changes rarely), then the project.
 WORKDIR /opt/trainer
-# The same constraints.txt as the README's install and CI, except torch: the image takes
-# the CUDA build named by the build args instead of the CPU build the tests pin.
+# The same constraints.txt as the README's install and CI, except torch and triton: the image takes
+# the CUDA build named by the build args instead of the CPU build the tests pin, and the Triton that
+# build requires (the hand-written kernels run on it).
 COPY pyproject.toml constraints.txt README.md ./
 COPY job/__init__.py job/__init__.py
-RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
+RUN grep -v -e '^torch==' -e '^triton==' constraints.txt > /tmp/constraints.txt \
  && pip install --extra-index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
  && pip install -c /tmp/constraints.txt .
 COPY job/ job/

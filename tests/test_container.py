@@ -36,7 +36,8 @@ def test_dockerfile_and_readme_install_with_the_same_constraints():
     readme = (ROOT / "README.md").read_text()
     assert "COPY pyproject.toml constraints.txt" in dockerfile
     assert re.search(r"pip install .*-c /tmp/constraints.txt", dockerfile)
-    assert "grep -v '^torch==' constraints.txt" in dockerfile  # only torch differs: the CUDA build
+    # only torch and triton differ: the CUDA build and the Triton it requires
+    assert "grep -v -e '^torch==' -e '^triton==' constraints.txt" in dockerfile
     assert "constraints.txt" in test_script
     assert "pip install -c constraints.txt ." in readme
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("exec scripts/test")
