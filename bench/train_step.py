@@ -64,6 +64,10 @@ FULL_VARIANTS = {
     "job-keep8": {"keep_activations_blocks": 8},
     "job-keep12": {"keep_activations_blocks": 12},
     "job-autocast-keep4": {"mixed_precision": "bf16", "keep_activations_blocks": 4},
+    # the defaults plus blocks that keep their activations, with the compiler's memory budget
+    "job-keep10-budget0.3": {"mixed_precision": "bf16", "keep_activations_blocks": 10, "activation_memory_budget": 0.3},
+    "job-keep20-budget0.3": {"mixed_precision": "bf16", "keep_activations_blocks": 20, "activation_memory_budget": 0.3},
+    "job-keep20-budget0.15": {"mixed_precision": "bf16", "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
     "job-autocast-keep8": {"mixed_precision": "bf16", "keep_activations_blocks": 8},
     "job-autocast-keep12": {"mixed_precision": "bf16", "keep_activations_blocks": 12},
     "job-autocast-no-speedups": {"mixed_precision": "bf16", "compile_blocks": False, "linear_attention": "diffusers"},

@@ -99,12 +99,13 @@ CREPA_ENCODERS = {"dinov2_vitg14": (1_136_480_768, 1536), "dinov2_vits14": (22_0
 #: Optimizer state bytes per trainable parameter, given the trainable dtype's bytes.
 def optimizer_state_bytes(optimizer: str, param_bytes: int) -> float:
     """AdamW (torch): two moments in the parameter dtype (8 B/param for fp32, 4 for bf16).
-    adamw_bf16: bf16 moments (4). optimi-adamw: moments in the parameter dtype, plus a
+    adamw_bf16: float32 moments (8; `job.train.optimizers.AdamWBF16` keeps them in float32 so that
+    only the weight is rounded, stochastically). optimi-adamw: moments in the parameter dtype, plus a
     Kahan-summation buffer for bf16 parameters (bf16: 6). adamw_8bit: two 8-bit moments (2)."""
     if optimizer == "adamw":
         return 2 * param_bytes
     if optimizer == "adamw_bf16":
-        return 4
+        return 8
     if optimizer == "optimi-adamw":
         return 2 * param_bytes + (2 if param_bytes == 2 else 0)
     if optimizer == "adamw_8bit":

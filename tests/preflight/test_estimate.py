@@ -53,10 +53,24 @@ def test_lora_rank64_on_attention_is_45_9m():
     assert lora_param_count(None, 64, ["to_q", "to_k", "to_v", "to_out.0"]) == 45_875_200
 
 
+def _real_state_bytes_per_param() -> float:
+    """adamw_bf16's state after one step, per bf16 parameter (the optimizer the estimate describes)."""
+    import torch
+
+    from job.train.optimizers import AdamWBF16
+
+    param = torch.nn.Parameter(torch.randn(1000, dtype=torch.bfloat16))
+    opt = AdamWBF16([param], lr=1e-3)
+    param.grad = torch.randn_like(param)
+    opt.step()
+    tensors = [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+    return sum(t.numel() * t.element_size() for t in tensors) / param.numel()
+
+
 def test_optimizer_state_bytes():
     assert optimizer_state_bytes("adamw", 4) == 8
     assert optimizer_state_bytes("adamw", 2) == 4
-    assert optimizer_state_bytes("adamw_bf16", 2) == 4
+    assert optimizer_state_bytes("adamw_bf16", 2) == _real_state_bytes_per_param()
     assert optimizer_state_bytes("optimi-adamw", 2) == 6
     assert optimizer_state_bytes("adamw_8bit", 2) == 2
 
@@ -120,6 +134,27 @@ def test_estimate_matches_gpu_measurements(make_spec, row):
     name, kind, weights, autocast, ckpt, frames, height, width, batch, measured, *extra = row
     est = estimate_training_vram(bench_inputs(make_spec, kind, weights, autocast, ckpt, frames, height, width, batch,
                                               extra[0] if extra else None))
+    error = (est.allocated / GIB - measured) / measured
+    assert -0.10 <= error <= 0.15, f"{name}: estimate {est.allocated / GIB:.2f} GiB vs measured {measured} GiB ({error:+.1%})"
+
+
+# The job's own compiled full fine-tune step (bench/train_step.py, run of 23:44 UTC: bf16 autocast, adamw_bf16 with
+# its float32 moments). The estimator is calibrated on eager steps; compiled blocks need ~2-3 GiB less in the
+# backward pass, so these sit at the over-estimating end of the bar.
+COMPILED_FULL = [
+    ("full-adamw_bf16-compiled (job default)", 0, 1.0, 27.12),
+    ("full-adamw_bf16-keep10-budget0.3", 10, 0.3, 36.84),
+    ("full-adamw_bf16-keep20-budget0.15", 20, 0.15, 33.47),
+    ("full-adamw_bf16-keep20-budget0.3", 20, 0.3, 50.56),
+]
+
+
+@pytest.mark.parametrize("row", COMPILED_FULL, ids=[r[0] for r in COMPILED_FULL])
+def test_estimate_of_the_compiled_job_step(make_spec, row):
+    name, keep, budget, measured = row
+    est = estimate_training_vram(bench_inputs(make_spec, "full", "bf16", True, True, 81, 480, 832, 1,
+                                              {"optimizer": "adamw_bf16",
+                                               "speed": {"keep_activations_blocks": keep, "activation_memory_budget": budget}}))
     error = (est.allocated / GIB - measured) / measured
     assert -0.10 <= error <= 0.15, f"{name}: estimate {est.allocated / GIB:.2f} GiB vs measured {measured} GiB ({error:+.1%})"
 
