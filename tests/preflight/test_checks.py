@@ -215,3 +215,23 @@ def test_preflight_phase_prints_json_and_raises(make_spec, workspace, facts, cap
     data = json.loads(capsys.readouterr().out)
     assert data["status"] == "fail" and "gpu" in str(exc.value)
     assert json.loads((ws.state_dir / "preflight.json").read_text()) == data
+
+
+def test_spare_vram_gets_a_faster_setting_that_still_fits(make_spec, workspace, facts):
+    """80 GB and a LoRA at the defaults (every block recomputed): preflight names the fastest kept-blocks setting
+    whose estimate still fits; with a setting of its own, or no room, it names none."""
+    report, _ = run(make_spec, workspace, facts, spec_kw={"model": {"type": "lora"}}, name="NVIDIA H100 80GB HBM3",
+                    capability=(9, 0), total_gib=79.6, free_gib=79.0)
+    row = report.row("vram")
+    assert row.status == "ok"
+    hint = row.data["speed_hint"]
+    assert hint["change"] == "speed.keep_activations_blocks: 20 with speed.activation_memory_budget: 0.5"
+    assert hint["fits"] and row.data["estimate"]["total_gib"] < hint["estimate_gib"] <= 0.9 * 79.0
+    assert "memory to spare" in row.fix
+    # a 48 GB card: the first setting that fits is a smaller budget
+    report, _ = run(make_spec, workspace, facts, spec_kw={"model": {"type": "lora"}}, name="NVIDIA L40S",
+                    capability=(8, 9), total_gib=44.5, free_gib=44.0)
+    assert report.row("vram").data["speed_hint"]["change"].endswith("budget: 0.3")
+    report, _ = run(make_spec, workspace, facts, spec_kw={"model": {"type": "lora"}, "speed": {"keep_activations_blocks": 4}},
+                    name="NVIDIA H100 80GB HBM3", capability=(9, 0), total_gib=79.6, free_gib=79.0)
+    assert "speed_hint" not in report.row("vram").data and report.row("vram").fix is None
