@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -31,40 +30,12 @@ if "--tiny" in sys.argv:  # Triton's interpreter: read when triton is first impo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from benchutil import cleanup, cuda, sync  # noqa: E402
+from benchutil import cleanup, cuda, errors, median_ms  # noqa: E402
 
 #: (TOKENS_PER_SPLIT, BLOCK_N, num_warps) of the scores kernel, and (BLOCK_N, num_warps) of the output kernel
 SCORES_CONFIGS = [(2048, 64, 4), (1024, 64, 4), (4096, 64, 4), (2048, 128, 4), (1024, 32, 4), (2048, 32, 4),
                   (2048, 64, 8), (1024, 64, 8)]
 APPLY_CONFIGS = [(128, 4), (64, 4), (256, 4), (128, 8), (32, 4)]  # (64, 2): 18 ms (register spills)
-
-
-def median_ms(fn, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        if cuda():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
-
-
-def errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
-    got, ref = got.double(), ref.double()
-    diff = (got - ref).abs()
-    return {"max_abs": float(diff.max()), "rel": float((got - ref).norm() / ref.norm()),
-            "ref_max_abs": float(ref.abs().max()), "differing_fraction": float((diff > 0).float().mean()),
-            "nonfinite": int((~torch.isfinite(got)).sum())}
 
 
 def make_inputs(b, n, h, c, device, seed=1):

@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -36,38 +35,10 @@ if "--tiny" in sys.argv:  # Triton's interpreter: read when triton is first impo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from benchutil import cleanup, cuda, sync  # noqa: E402
+from benchutil import cleanup, cuda, errors, median_ms  # noqa: E402
 
 #: (BLOCK_W, BLOCK_C, num_warps) tried in part 1; the fastest one is used by parts 2 and 3
 CONFIGS = [(4, 128, 4), (2, 256, 4), (4, 64, 4), (8, 64, 4), (2, 128, 4), (1, 256, 4), (4, 256, 8), (8, 128, 8)]
-
-
-def median_ms(fn, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        if cuda():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
-
-
-def errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
-    got, ref = got.float(), ref.float()
-    diff = (got - ref).abs()
-    return {"max_abs": float(diff.max()), "rel": float((got - ref).norm() / ref.norm()),
-            "ref_max_abs": float(ref.abs().max()), "differing_fraction": float((diff > 0).float().mean()),
-            "nonfinite": int((~torch.isfinite(got)).sum())}
 
 
 def main(argv=None) -> int:

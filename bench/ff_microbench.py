@@ -23,7 +23,6 @@ import argparse
 import copy
 import functools
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -32,27 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from benchutil import cuda, sync  # noqa: E402
+from benchutil import cuda, median_ms, sync  # noqa: E402
 
 
 def median_time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        if cuda():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_ms(fn, warmup, iters)["median_ms"] / 1000
 
 
 def ff_flops(tokens: int, c: int, hidden: int) -> float:
