@@ -81,6 +81,14 @@ def _tiny_vae(dtype) -> AutoencoderKLWan:
     return vae.to(dtype).eval()
 
 
+def _record_norm_kernel_calls(monkeypatch) -> list[bool]:
+    """The `silu` flag of every fused-norm kernel call from here on (the kernel still runs)."""
+    calls: list[bool] = []
+    real = vae_kernels.fused_rms_norm
+    monkeypatch.setattr(vae_kernels, "fused_rms_norm", lambda *a, **k: calls.append(k["silu"]) or real(*a, **k))
+    return calls
+
+
 def _patched_pair(dtype):
     from job.cache.vae_speed import to_channels_last
 
@@ -96,9 +104,7 @@ def test_patched_vae_encodes_and_decodes_like_diffusers_in_bf16(triton_interpret
     """bf16 noise only: the kernel multiplies by the reciprocal norm (rarely one bf16 step off) and the
     first conv sums its zero-padded channels in another order."""
     plain, fused = _patched_pair(torch.bfloat16)
-    calls = []
-    real = vae_kernels.fused_rms_norm
-    monkeypatch.setattr(vae_kernels, "fused_rms_norm", lambda *a, **k: calls.append(k["silu"]) or real(*a, **k))
+    calls = _record_norm_kernel_calls(monkeypatch)
     video = _channels_last(torch.randn(1, 3, 9, 32, 48, dtype=torch.bfloat16))
     with torch.no_grad():
         latents = fused.encode(video).latent_dist.mean
@@ -126,9 +132,7 @@ def test_causal_convs_compute_diffusers_sums_exactly(triton_interpreter):
 
 def test_patched_attention_block_norm_runs_without_silu(triton_interpreter, monkeypatch):
     plain, fused = _patched_pair(torch.bfloat16)
-    calls = []
-    real = vae_kernels.fused_rms_norm
-    monkeypatch.setattr(vae_kernels, "fused_rms_norm", lambda *a, **k: calls.append(k["silu"]) or real(*a, **k))
+    calls = _record_norm_kernel_calls(monkeypatch)
     x = _channels_last(torch.randn(1, 8, 2, 4, 6, dtype=torch.bfloat16))
     with torch.no_grad():
         got = fused.encoder.mid_block.attentions[0](x)

@@ -20,20 +20,27 @@ def round_to_bf16(y, ROUND: tl.constexpr):
 
 
 @triton.jit
+def row_block(rows, channels, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's block of positions (rows) x all channels of a channels-innermost tensor: the block's start
+    (int64, in elements), the offsets within it (int32), the channel indices and masks."""
+    first = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
+    local = tl.arange(0, BLOCK_ROWS)
+    col = tl.arange(0, BLOCK_C)
+    cmask = col < channels
+    mask = (first + local < rows)[:, None] & cmask[None, :]
+    return first * channels, local[:, None] * channels + col[None, :], col, cmask, mask
+
+
+@triton.jit
 def rms_norm_silu(x_ptr, pre_bias_ptr, gamma_ptr, bias_ptr, out_ptr, rows, channels, scale, eps, ROUND: tl.constexpr,
                   PRE_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                   BLOCK_C: tl.constexpr):
     # one program: BLOCK_ROWS positions x all their channels (contiguous), read once, written once.
     # Memory-bound only if the per-element work stays small: one multiply by the row's reciprocal norm
     # (not a division per element), hardware roundings, the fast exp.
-    first = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
-    local = tl.arange(0, BLOCK_ROWS)
-    col = tl.arange(0, BLOCK_C)
-    cmask = col < channels
-    mask = (first + local < rows)[:, None] & cmask[None, :]
-    offsets = local[:, None] * channels + col[None, :]  # int32 within the block; the block's start in int64
-    x_ptr += first * channels
-    out_ptr += first * channels
+    start, offsets, col, cmask, mask = row_block(rows, channels, BLOCK_ROWS, BLOCK_C)
+    x_ptr += start
+    out_ptr += start
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if PRE_BIAS:  # the producing convolution's bias, added (and rounded) as its own `add_` would
         x = round_to_bf16(x + tl.load(pre_bias_ptr + col, mask=cmask, other=0.0).to(tl.float32)[None, :], ROUND)
@@ -55,14 +62,9 @@ def rms_norm_silu(x_ptr, pre_bias_ptr, gamma_ptr, bias_ptr, out_ptr, rows, chann
 def bias_residual_add(y_ptr, bias_ptr, h_ptr, out_ptr, rows, channels, ROUND: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                       BLOCK_C: tl.constexpr):
     # (y + bias) + h with the roundings of a convolution's bias `add_` followed by the residual add
-    first = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
-    local = tl.arange(0, BLOCK_ROWS)
-    col = tl.arange(0, BLOCK_C)
-    cmask = col < channels
-    mask = (first + local < rows)[:, None] & cmask[None, :]
-    offsets = local[:, None] * channels + col[None, :]
-    y = tl.load(y_ptr + first * channels + offsets, mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(h_ptr + first * channels + offsets, mask=mask, other=0.0).to(tl.float32)
+    start, offsets, col, cmask, mask = row_block(rows, channels, BLOCK_ROWS, BLOCK_C)
+    y = tl.load(y_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + col, mask=cmask, other=0.0).to(tl.float32)
     y = round_to_bf16(y + bias[None, :], ROUND)
-    tl.store(out_ptr + first * channels + offsets, (y + h).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + start + offsets, (y + h).to(out_ptr.dtype.element_ty), mask=mask)
