@@ -233,3 +233,21 @@ def test_residual_block_adds_conv_biases_inside_the_kernels(triton_interpreter, 
             if theirs is not None:
                 torch.testing.assert_close(mine, theirs, rtol=tol, atol=tol)
     assert calls == {"pre_bias": 2, "residual": 2}
+
+
+def test_patched_encoder_compiles_without_graph_breaks():
+    """`data.vae_compile` over a patched encoder: under torch.compile every patched module takes diffusers'
+    forward (inductor fuses those passes itself), traced without a graph break into the usual 3 graphs."""
+    import torch._dynamo
+
+    plain, fused = _patched_pair(torch.float32)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fused.encoder = torch.compile(fused.encoder, backend="eager")
+    video = _channels_last(torch.randn(1, 3, 9, 32, 48))
+    with torch.no_grad():
+        got = fused.encode(video).latent_dist.mean
+        torch.testing.assert_close(got, plain.encode(video).latent_dist.mean, rtol=0, atol=0)
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 3
+    torch._dynamo.reset()
