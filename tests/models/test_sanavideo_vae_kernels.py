@@ -189,11 +189,12 @@ def test_validation_pipeline_on_the_cpu_keeps_diffusers_vae(tiny_components):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3.2e-2)])
-@pytest.mark.parametrize("in_dim", [8, 12])
-def test_residual_block_adds_conv_biases_inside_the_kernels(triton_interpreter, monkeypatch, dtype, tol, in_dim):
+@pytest.mark.parametrize("in_dim,batch", [(8, 1), (12, 1), (8, 2)])
+def test_residual_block_adds_conv_biases_inside_the_kernels(triton_interpreter, monkeypatch, dtype, tol, in_dim, batch):
     """The patched residual block (conv1's bias inside norm2's kernel, conv2's in the residual add) over two
     causal chunks with the frame cache, against diffusers' block. The CPU's convolutions return NCDHW, so
-    their outputs are made channels-last here (as cuDNN's are) to reach both kernels. bf16 is compared
+    their outputs are made channels-last here (as cuDNN's are) to reach both kernels. One clip: the norms write
+    into the convs' time-padded inputs; two: norm, then the concatenation (both paths). bf16 is compared
     loosely: the CPU's bf16 convolution adds its bias before rounding (cuDNN's path, like the kernels,
     rounds the convolution and then the bias add)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
@@ -206,13 +207,14 @@ def test_residual_block_adds_conv_biases_inside_the_kernels(triton_interpreter, 
     fused = copy.deepcopy(plain)
     vae_kernels.use_fused_vae_ops(fused)
     assert "forward" in vars(fused)
-    real_conv = vae_kernels._causal_conv
-    monkeypatch.setattr(vae_kernels, "_causal_conv", lambda *a: _channels_last(real_conv(*a)))
-    calls = {"pre_bias": 0, "residual": 0}
+    real_conv = vae_kernels._spatially_padded_conv
+    monkeypatch.setattr(vae_kernels, "_spatially_padded_conv", lambda *a: _channels_last(real_conv(*a)))
+    calls = {"pre_bias": 0, "residual": 0, "into_conv_input": 0}
     real_norm, real_residual = vae_kernels.fused_rms_norm, vae_kernels.fused_bias_residual
 
     def norm(*a, **k):
         calls["pre_bias"] += k.get("pre_bias") is not None
+        calls["into_conv_input"] += k.get("out") is not None
         return real_norm(*a, **k)
 
     def residual(*a):
@@ -223,7 +225,7 @@ def test_residual_block_adds_conv_biases_inside_the_kernels(triton_interpreter, 
     monkeypatch.setattr(vae_kernels, "fused_bias_residual", residual)
     caches = {"plain": [None, None, None], "fused": [None, None, None]}
     for frames in (1, 4):  # the first chunk (no cache), then one with the cached frames
-        x = _channels_last(torch.randn(1, in_dim, frames, 6, 10, dtype=dtype))
+        x = _channels_last(torch.randn(batch, in_dim, frames, 6, 10, dtype=dtype))
         with torch.no_grad():
             expected = plain(x, feat_cache=caches["plain"], feat_idx=[0])
             got = fused(x, feat_cache=caches["fused"], feat_idx=[0])
@@ -232,7 +234,7 @@ def test_residual_block_adds_conv_biases_inside_the_kernels(triton_interpreter, 
             assert (mine is None) == (theirs is None)
             if theirs is not None:
                 torch.testing.assert_close(mine, theirs, rtol=tol, atol=tol)
-    assert calls == {"pre_bias": 2, "residual": 2}
+    assert calls == {"pre_bias": 2, "residual": 2, "into_conv_input": 4 if batch == 1 else 0}
 
 
 def test_patched_encoder_compiles_without_graph_breaks():

@@ -104,13 +104,17 @@ def _launch(kernel, x: torch.Tensor, *args, **meta) -> None:
 
 
 def fused_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias, scale: float, eps: float = 1e-12,
-                   silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
+                   silu: bool = False, pre_bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """`WanRMS_norm` over dim 1 (then SiLU if asked) of a channels-innermost tensor, in one pass; with
     `pre_bias`, of `x + pre_bias` (a convolution's bias, added here instead of in its own pass).
 
-    Caller checks `fused_rms_norm_usable` first. The output has x's shape, dtype and strides."""
+    Caller checks `fused_rms_norm_usable` first. The output has x's shape, dtype and strides; `out`, if
+    given, is written instead (x's shape and dtype, channels innermost, one dense block)."""
     _, kernels = _kernel()
-    out = torch.empty_like(x)  # preserve_format: channels-last in, channels-last out
+    if out is None:
+        out = torch.empty_like(x)  # preserve_format: channels-last in, channels-last out
+    elif out.shape != x.shape or out.dtype != x.dtype or not _channels_innermost(out):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is not a dense channels-last tensor like x")
     has_bias = isinstance(bias, torch.Tensor)
     _launch(kernels.rms_norm_silu, x, x, pre_bias if pre_bias is not None else gamma, gamma.reshape(-1),
             bias.reshape(-1) if has_bias else gamma, out, scalars=(float(scale), float(eps)),
@@ -202,12 +206,18 @@ def _causal_conv_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = N
 
 
 def _causal_conv(conv, x: torch.Tensor, cache_x: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    pad_w, _, pad_h, _, pad_t, _ = conv._padding
+    pad_t = conv._padding[4]
     if cache_x is not None and pad_t > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         pad_t -= cache_x.shape[2]
     if pad_t > 0:
         x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+    return _spatially_padded_conv(conv, x, bias)
+
+
+def _spatially_padded_conv(conv, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The causal conv on input that already has its frames in front: height/width zeros added by cuDNN."""
+    pad_w, _, pad_h, _, _, _ = conv._padding
     weight = conv.weight
     if x.shape[1] < MIN_CONV_CHANNELS and _channels_innermost(x) and conv.groups == 1:
         x, weight = _zero_channels(x, MIN_CONV_CHANNELS), _zero_channels(weight, MIN_CONV_CHANNELS)
@@ -219,14 +229,42 @@ def _conv_without_bias(conv, x: torch.Tensor, feat_cache, feat_idx) -> torch.Ten
     its bias left for the next fused kernel to add."""
     if feat_cache is None:
         return _causal_conv(conv, x, None, None)
+    old = feat_cache[feat_idx[0]]
+    _update_frame_cache(x, feat_cache, feat_idx)
+    return _causal_conv(conv, x, old, None)
+
+
+def _update_frame_cache(x: torch.Tensor, feat_cache, feat_idx) -> None:
+    """diffusers' bookkeeping after a cached causal conv: keep x's last frames (with the previous chunk's last
+    frame when x has only one) for the next chunk, and move to the next conv's slot."""
     idx = feat_idx[0]
     cache_x = x[:, :, -_CACHE_T:].clone()
     if cache_x.shape[2] < 2 and feat_cache[idx] is not None:
         cache_x = torch.cat([feat_cache[idx][:, :, -1].unsqueeze(2).to(cache_x.device), cache_x], dim=2)
-    out = _causal_conv(conv, x, feat_cache[idx], None)
     feat_cache[idx] = cache_x
     feat_idx[0] += 1
-    return out
+
+
+def _norm_silu_conv(norm, conv, x: torch.Tensor, feat_cache, feat_idx, pre_bias: torch.Tensor | None = None):
+    """norm + SiLU of x (the kernel) and the causal conv after it without its bias. The kernel writes into the
+    conv's time-padded input (the cached or zero frames already in front), so the concatenation that copies
+    the whole activation for every conv becomes a copy of the (at most 2) cached frames. One clip at a time
+    (with several, the frames after the front ones are not one dense block: norm, then `_conv_without_bias`)."""
+    pad_t = conv._padding[4]
+    old = feat_cache[feat_idx[0]] if feat_cache is not None else None
+    front = pad_t - (old.shape[2] if old is not None else 0)  # zero frames in front of the cached ones
+    if x.shape[0] != 1 or front < 0 or (old is not None and pad_t == 0):
+        y = fused_rms_norm(x, norm.gamma, norm.bias, norm.scale, silu=True, pre_bias=pre_bias)
+        return _conv_without_bias(conv, y, feat_cache, feat_idx)
+    b, c, t, h, w = x.shape
+    padded = torch.empty((b, c, pad_t + t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    padded[:, :, :front].zero_()
+    if old is not None:
+        padded[:, :, front:pad_t].copy_(old)
+    y = fused_rms_norm(x, norm.gamma, norm.bias, norm.scale, silu=True, pre_bias=pre_bias, out=padded[:, :, pad_t:])
+    if feat_cache is not None:
+        _update_frame_cache(y, feat_cache, feat_idx)
+    return _spatially_padded_conv(conv, padded, None)
 
 
 def _channel_view(bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -245,18 +283,17 @@ def _resblock_fast(block, x: torch.Tensor) -> bool:
 def _resblock_forward(self, x: torch.Tensor, feat_cache=None, feat_idx=[0]) -> torch.Tensor:  # noqa: B006 - diffusers' signature
     """Bound to a `WanResidualBlock` instance: diffusers' forward (shortcut; norm1, SiLU, conv1; norm2,
     SiLU, dropout, conv2; + shortcut) with each conv's bias added inside the next fused kernel (norm2's,
-    then the residual add's) instead of a pass of its own."""
+    then the residual add's) instead of a pass of its own, and each norm writing straight into its conv's
+    time-padded input (`_norm_silu_conv`)."""
     if not _resblock_fast(self, x):
         return type(self).forward(self, x, feat_cache, feat_idx)
     h = self.conv_shortcut(x)
-    y = fused_rms_norm(x, self.norm1.gamma, self.norm1.bias, self.norm1.scale, silu=True)
-    y = _conv_without_bias(self.conv1, y, feat_cache, feat_idx)
-    if fused_rms_norm_usable(y, self.norm2.gamma, self.norm2.bias):
-        y = fused_rms_norm(y, self.norm2.gamma, self.norm2.bias, self.norm2.scale, silu=True, pre_bias=self.conv1.bias)
+    y = _norm_silu_conv(self.norm1, self.conv1, x, feat_cache, feat_idx)
+    if fused_rms_norm_usable(y, self.norm2.gamma, self.norm2.bias):  # (dropout: the identity here, see _resblock_fast)
+        y = _norm_silu_conv(self.norm2, self.conv2, y, feat_cache, feat_idx, pre_bias=self.conv1.bias)
     else:
         y = F.silu(type(self.norm2).forward(self.norm2, y + _channel_view(self.conv1.bias, y)))
-    y = self.dropout(y)
-    y = _conv_without_bias(self.conv2, y, feat_cache, feat_idx)
+        y = _conv_without_bias(self.conv2, self.dropout(y), feat_cache, feat_idx)
     if y.shape == h.shape and y.stride() == h.stride() and _channels_innermost(y) and kernels_usable(y):
         return fused_bias_residual(y, self.conv2.bias, h)
     return (y + _channel_view(self.conv2.bias, y)) + h
