@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,10 +122,26 @@ class TrainSession:
         acc, step = self.accelerator, self.step
         self.finish_optimizer_step()
         tmp = self.store.tmp_dir(step)
-        if acc.is_main_process:
-            self.store.begin(step)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+        what = f"checkpoint step {step}"
+        self._all_or_none(lambda: self.store.begin(step) if acc.is_main_process else None, what)
+        self._all_or_none(lambda: self._write_checkpoint_files(tmp, step), what)
+        path = self.store.root / ckpt.step_dir_name(step)
+
+        def commit() -> None:
+            nonlocal path
+            if acc.is_main_process:
+                path = self.store.commit(tmp, step)
+                self.store.rotate()
+                self.metrics.note("checkpoint_saved", step=step, path=str(path))
+                log.info("checkpoint written: %s", path)
+
+        self._all_or_none(commit, what)
+        self.last_save = time.monotonic()
+        self.last_checkpoint = path
+        return path
+
+    def _write_checkpoint_files(self, tmp: Path, step: int) -> None:
+        if self.accelerator.is_main_process:
             save_weights(tmp, self.model, self.spec)
             ckpt.save_pt(self.optimizer.state_dict(), tmp / "optimizer.pt")
             ckpt.save_pt(self.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -139,17 +157,25 @@ class TrainSession:
             (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
             save_history(self.metrics.path, tmp)
         ckpt.save_pt(ckpt.capture_rng(self.generator), tmp / f"rng_{self.rank}.pt")
-        acc.wait_for_everyone()
-        path = self.store.root / ckpt.step_dir_name(step)
-        if acc.is_main_process:
-            path = self.store.commit(tmp, step)
-            self.store.rotate()
-            self.metrics.note("checkpoint_saved", step=step, path=str(path))
-            log.info("checkpoint written: %s", path)
-        acc.wait_for_everyone()
-        self.last_save = time.monotonic()
-        self.last_checkpoint = path
-        return path
+
+    def _all_or_none(self, write, what: str) -> None:
+        """Run this process's part of a checkpoint write, then agree with every process on the outcome (a
+        collective, so it is also the barrier between the parts): when a write fails anywhere (a full disk, a
+        permission), every process raises, instead of the others waiting at the next barrier for one that
+        has left. The others raise an OSError with the failing one's errno (the CLI's disk-full message)."""
+        error = None
+        try:
+            write()
+        except OSError as exc:
+            error = exc
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            code = torch.tensor([float((error.errno or errno.EIO) if error is not None else 0)], device=acc.device)
+            code = int(acc.reduce(code, "max").item())
+            if code and error is None:
+                raise OSError(code, f"another process could not write {what}: {os.strerror(code)}")
+        if error is not None:
+            raise error
 
     def resume(self, folder: Path) -> None:
         state = ckpt.read_state(folder)

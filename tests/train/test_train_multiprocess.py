@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -77,3 +78,56 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, tiny_mo
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
     summary = json.loads((ws.final_dir / "training_summary.json").read_text())
     assert summary["num_processes"] == 2
+
+
+FULL_DISK_CHILD = """
+import errno, json, os, sys
+import torch
+torch.set_num_threads(1)
+from train_helpers import deterministic_inputs, make_spec
+from job.models.sanavideo.objective import FlowMatchingObjective
+FlowMatchingObjective.training_inputs = deterministic_inputs
+import job.train.session as session
+from job.train import run_train
+from job.workspace import Workspace
+
+real = session.save_weights
+def full_disk(*args, **kwargs):  # the main process's volume fills up while it writes the weights
+    raise OSError(errno.ENOSPC, "No space left on device")
+session.save_weights = full_disk
+spec = make_spec(json.loads(open(sys.argv[1]).read()))
+try:
+    run_train(spec, Workspace.for_spec(spec))
+except OSError as exc:
+    print("RAISED", exc.errno, exc)
+    sys.exit(3)
+print("NO ERROR")
+"""
+
+
+def test_a_full_disk_on_one_process_stops_every_process(tmp_path, tiny_model):
+    """Rank 0 cannot write its checkpoint: rank 1 raises the same errno (the CLI's disk-full message) instead of
+    waiting at the next barrier for it (NCCL) or dying on the broken connection (gloo, before: exit 1)."""
+    data = _job(tmp_path / "two", tiny_model, batch=1, processes=2)
+    write_caches(make_spec(data), n_samples=2)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(data))
+    port = _free_port()
+    children = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+        children.append(subprocess.Popen([sys.executable, "-c", FULL_DISK_CHILD, str(spec_file)], env=env, cwd=ROOT,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [c.communicate(timeout=180)[0].decode() for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    for child, out in zip(children, outputs):
+        assert child.returncode == 3, out[-3000:]
+        assert f"RAISED {errno.ENOSPC}" in out, out[-3000:]
+    assert "another process could not write checkpoint step 2" in outputs[1]
