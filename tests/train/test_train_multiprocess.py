@@ -40,6 +40,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_processes(child: str, data: dict, tmp_path: Path, timeout: float) -> tuple[list[int], list[str]]:
+    """Run the `child` script as ranks 0 and 1 (gloo on loopback) on the spec `data`; their exit codes and
+    outputs. Children still running at the timeout are killed (the test then fails on their output)."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(data))
+    port = _free_port()
+    children = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+        children.append(subprocess.Popen([sys.executable, "-c", child, str(spec_file)], env=env, cwd=ROOT,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [c.communicate(timeout=timeout)[0].decode() for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    return [c.returncode for c in children], outputs
+
+
 def _job(workspace: Path, model: Path, batch: int, processes: int) -> dict:
     return spec_dict(workspace, model, train={"max_train_steps": 3, "train_batch_size": batch, "num_processes": processes,
                                               "max_grad_norm": 0.5, "adam_epsilon": 1e-6, "use_ema": True},
@@ -54,19 +77,9 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, tiny_mo
 
     data = _job(tmp_path / "two", tiny_model, batch=1, processes=2)
     ws = write_caches(make_spec(data), n_samples=2)
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(data))
-    port = _free_port()
-    children = []
-    for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
-        children.append(subprocess.Popen([sys.executable, "-c", CHILD, str(spec_file)], env=env, cwd=ROOT,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [c.communicate(timeout=240)[0].decode() for c in children]
-    for child, out in zip(children, outputs):
-        assert child.returncode == 0, out[-3000:]
+    codes, outputs = _run_two_processes(CHILD, data, tmp_path, timeout=240)
+    for code, out in zip(codes, outputs):
+        assert code == 0, out[-3000:]
         assert "RESULT completed 3" in out, out[-3000:]
 
     state = json.loads((ws.checkpoints_dir / "step_000003" / "state.json").read_text())
@@ -110,24 +123,8 @@ def test_a_full_disk_on_one_process_stops_every_process(tmp_path, tiny_model):
     waiting at the next barrier for it (NCCL) or dying on the broken connection (gloo, before: exit 1)."""
     data = _job(tmp_path / "two", tiny_model, batch=1, processes=2)
     write_caches(make_spec(data), n_samples=2)
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(data))
-    port = _free_port()
-    children = []
-    for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
-        children.append(subprocess.Popen([sys.executable, "-c", FULL_DISK_CHILD, str(spec_file)], env=env, cwd=ROOT,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        outputs = [c.communicate(timeout=180)[0].decode() for c in children]
-    finally:
-        for c in children:
-            if c.poll() is None:
-                c.kill()
-                c.wait()
-    for child, out in zip(children, outputs):
-        assert child.returncode == 3, out[-3000:]
+    codes, outputs = _run_two_processes(FULL_DISK_CHILD, data, tmp_path, timeout=180)
+    for code, out in zip(codes, outputs):
+        assert code == 3, out[-3000:]
         assert f"RAISED {errno.ENOSPC}" in out, out[-3000:]
     assert "another process could not write checkpoint step 2" in outputs[1]
