@@ -43,10 +43,10 @@ FULL = dict(type="full", frames=81, height=480, width=832)
 CONFIGS = [
     dict(name="full-bf16-ckpt", **FULL),
     dict(name="full-bf16-ckpt-groupoffload-block1-stream", group_offload=dict(type="block_level", blocks_per_group=1, use_stream=True), **FULL),
-    dict(name="full-fp8-ckpt", precision="fp8", **FULL),
+    dict(name="full-fp8-ckpt", mixed_precision="fp8", **FULL),  # float8 products: train.mixed_precision fp8
     # float8 is made for torch.compile (eager pays separate amax / cast kernels): the trainer's regional compile
     dict(name="full-bf16-ckpt-compiled-blocks", compile=True, **FULL),
-    dict(name="full-fp8-ckpt-compiled-blocks", precision="fp8", compile=True, **FULL),
+    dict(name="full-fp8-ckpt-compiled-blocks", mixed_precision="fp8", compile=True, **FULL),
     dict(name="lora64-attn-bf16-ckpt", type="lora", frames=81, height=480, width=832),
     dict(name="lora64-attn-int8-ckpt", type="lora", precision="int8", frames=81, height=480, width=832),
     dict(name="lora64-attn-fp8-ckpt", type="lora", precision="fp8", frames=81, height=480, width=832),
@@ -89,7 +89,7 @@ def build(cfg, device, tiny: bool):
                            memory=SimpleNamespace(gradient_checkpointing=True,
                                                   group_offload=SimpleNamespace(enabled=bool(cfg.get("group_offload")),
                                                                                 **cfg.get("group_offload", {}))),
-                           train=SimpleNamespace(mixed_precision="bf16"),
+                           train=SimpleNamespace(mixed_precision=cfg.get("mixed_precision", "bf16")),
                            # the trainer's speed defaults, compile only where the configuration asks
                            speed=SpeedSpec(compile_blocks=bool(cfg.get("compile"))))
     from job.train.model import prepare_transformer

@@ -137,6 +137,18 @@ def test_import_simpletuner_reports_unknown_keys(tmp_path, capsys):
     assert "version: 1" in captured.out
 
 
+@pytest.mark.parametrize("key,value,field", [("mixed_precision", "fp16", "train.mixed_precision"),
+                                               ("base_model_precision", "fp8", "model.base_model_precision")])
+def test_import_simpletuner_unsupported_precision_is_a_spec_error(tmp_path, capsys, key, value, field):
+    # fp16 autocast is not offered; an fp8 base with the quickstart's full fine-tune points at mixed_precision: fp8
+    config = json.loads((FIXTURES / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["import-simpletuner", str(tmp_path / "config.json"), str(FIXTURES / "multidatabackend.json")]) == 2
+    err = capsys.readouterr().err
+    assert field in err and ("'bf16', 'fp8' or 'no'" in err if value == "fp16" else "train.mixed_precision: fp8" in err), err
+
+
 def test_import_simpletuner_bad_json(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")

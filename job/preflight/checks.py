@@ -117,7 +117,7 @@ def check_precision(report: PreflightReport, spec, facts: DeviceFacts) -> None:
     """Compute capability vs the precision asked for, and the libraries precision needs."""
     model, train = spec.model, spec.train
     cap = facts.capability
-    wants_bf16 = model.base_model_precision == "bf16" or train.mixed_precision == "bf16"
+    wants_bf16 = model.base_model_precision == "bf16" or train.mixed_precision in ("bf16", "fp8")
     name = facts.gpu_name or "this GPU"
     problems = []
     if cap is not None:
@@ -129,9 +129,15 @@ def check_precision(report: PreflightReport, spec, facts: DeviceFacts) -> None:
         if model.base_model_precision == "fp8" and cap < (8, 9):
             problems.append(("fail", f"fp8 needs an sm89+ GPU (Ada, Hopper or newer); {name} is {sm}",
                              "use an L4/L40S/RTX 40xx/H100 or newer GPU, or base_model_precision: bf16 (or int8 with LoRA)"))
+        if train.mixed_precision == "fp8" and cap < (8, 9):
+            problems.append(("fail", f"mixed_precision fp8 (float8 matrix products) needs an sm89+ GPU (Ada, Hopper or newer); "
+                             f"{name} is {sm}", "use train.mixed_precision: bf16, or an L4/L40S/RTX 40xx/H100 or newer GPU"))
     if model.base_model_precision in ("int8", "fp8") and not facts.has_lib("torchao"):
         problems.append(("fail", f"base_model_precision {model.base_model_precision} quantises with torchao, which is not installed",
                          "pip install torchao (a version matching your torch), or use base_model_precision: bf16"))
+    if train.mixed_precision == "fp8" and not facts.has_lib("torchao"):
+        problems.append(("fail", "mixed_precision fp8 runs its float8 products with torchao, which is not installed",
+                         "pip install torchao (a version matching your torch), or use train.mixed_precision: bf16"))
     libs = {"optimi-adamw": ("torch-optimi", "pip install torch-optimi"),
             "adamw_8bit": ("bitsandbytes", "pip install bitsandbytes")}
     if train.optimizer in libs and not facts.has_lib(libs[train.optimizer][0]):

@@ -135,7 +135,7 @@ class EstimateInputs:
     batch: int = 1
     model_type: str = "full"         # full | lora
     base_precision: str = "bf16"     # bf16 | fp32 | int8 | fp8
-    mixed_precision: str = "bf16"    # bf16 (autocast) | no
+    mixed_precision: str = "bf16"    # bf16 (autocast) | fp8 (bf16 autocast + float8 products) | no
     optimizer: str = "adamw_bf16"
     lora_rank: int = 64
     lora_params: int = 0
@@ -172,14 +172,14 @@ class EstimateInputs:
     @property
     def trainable_bytes(self) -> int:
         """Dtype of the trained parameters: the weights themselves for a full fine-tune (an
-        fp8/int8 full fine-tune keeps bf16 master weights); fp32 LoRA parameters."""
+        float8 matrix products keep bf16 weights); fp32 LoRA parameters."""
         if self.model_type == "lora":
             return 4
         return 4 if self.base_precision == "fp32" else 2
 
     @property
     def autocast(self) -> bool:
-        return self.mixed_precision == "bf16"
+        return self.mixed_precision in ("bf16", "fp8")  # fp8: bf16 autocast, the products' float8 copies are transient
 
     @property
     def mode(self) -> str:
@@ -203,7 +203,7 @@ def weights_bytes(inp: EstimateInputs) -> dict[str, float]:
     p = inp.params
     base = WEIGHT_BYTES[inp.base_precision]
     if inp.model_type == "full" and inp.base_precision in ("int8", "fp8"):
-        base = 2  # a full fine-tune trains bf16 master weights; fp8 is only the matmul format
+        base = 2  # (refused by the spec rules: a full fine-tune trains bf16 or fp32 weights)
     if inp.group_offload:
         if inp.group_offload_type == "leaf_level":
             resident_blocks = 0.25 if inp.group_offload_stream else 0.15

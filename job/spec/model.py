@@ -56,7 +56,8 @@ class ModelSpec(Section):
         "bf16",
         description="Storage precision of the transformer weights. `bf16`: bf16 weights (use a bf16-safe optimizer). `fp32`: fp32 "
         "master weights (with `mixed_precision: bf16` for bf16 autocast). `int8`: frozen base quantised to int8 (LoRA only). "
-        "`fp8`: float8 (needs an sm89+ GPU).",
+        "`fp8`: frozen base stored in float8 (LoRA only, sm89+ GPU); it saves memory, not time. For float8 matrix products "
+        "(faster, full or LoRA) use `train.mixed_precision: fp8`.",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings, used when `type: lora`.")
     prompt: PromptSpec = Field(default_factory=PromptSpec, description="Prompt encoding settings.")

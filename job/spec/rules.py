@@ -43,9 +43,15 @@ def check_rules(spec: JobSpec) -> list[SpecProblem]:
     if mem.group_offload.type == "leaf_level" and "blocks_per_group" in mem.group_offload.model_fields_set:
         add(SpecProblem("memory.group_offload.blocks_per_group", "only applies to type: block_level", "remove it or use type: block_level"))
 
-    if model.base_model_precision == "int8" and model.type == "full":
-        add(SpecProblem("model.base_model_precision", "int8 quantises the frozen base, so it needs model.type: lora",
-                        "use model.type: lora, or base_model_precision: bf16 / fp8 for a full fine-tune"))
+    if model.base_model_precision in ("int8", "fp8") and model.type == "full":
+        add(SpecProblem("model.base_model_precision", f"{model.base_model_precision} quantises the frozen base, so it needs model.type: lora",
+                        "use model.type: lora, or base_model_precision: bf16 (float8 matrix products for a full fine-tune: "
+                        "train.mixed_precision: fp8)"))
+    elif model.base_model_precision in ("int8", "fp8") and train.mixed_precision == "fp8":
+        add(SpecProblem("train.mixed_precision", f"fp8 matrix products cannot be combined with base_model_precision: "
+                        f"{model.base_model_precision} (a quantised base is not converted again)",
+                        "use base_model_precision: bf16 with mixed_precision: fp8 (faster), or mixed_precision: bf16 with the "
+                        "quantised base (less memory)"))
     if model.type != "lora" and "lora" in model.model_fields_set:
         add(SpecProblem("model.lora", "LoRA settings are given but model.type is 'full'", "set model.type: lora or remove model.lora"))
 
@@ -136,10 +142,14 @@ def check_rules(spec: JobSpec) -> list[SpecProblem]:
         add(SpecProblem("train.optimizer", "adamw_8bit (bitsandbytes) cannot step parameters in CPU RAM, where group offload keeps them",
                         "use adamw_bf16, optimi-adamw or adamw with group offload"))
     # (int8 with a full fine-tune is already refused above: one problem per cause)
-    if mem.group_offload.enabled and (model.base_model_precision == "fp8" or (model.base_model_precision == "int8" and model.type == "lora")):
+    if mem.group_offload.enabled and model.base_model_precision in ("int8", "fp8") and model.type == "lora":
         add(SpecProblem("memory.group_offload.enabled", f"cannot be combined with base_model_precision: {model.base_model_precision} "
                         "(quantised weights are not offloaded by this build)",
                         "use base_model_precision: bf16 with group offload, or turn group offload off"))
+    if mem.group_offload.enabled and train.mixed_precision == "fp8":
+        add(SpecProblem("memory.group_offload.enabled", "cannot be combined with train.mixed_precision: fp8 (offloaded blocks "
+                        "are not compiled, and float8 products only pay off inside compiled blocks)",
+                        "use mixed_precision: bf16 with group offload, or turn group offload off"))
     return problems
 
 

@@ -52,7 +52,12 @@ class ScheduledSamplingSpec(Section):
 class TrainSpec(Section):
     """Optimisation settings."""
 
-    mixed_precision: Literal["bf16", "no"] = Field("bf16", description="`bf16` autocast for the forward pass, or `no` (compute in the weights' dtype).")
+    mixed_precision: Literal["bf16", "fp8", "no"] = Field(
+        "bf16",
+        description="`bf16`: bf16 autocast for the forward pass. `fp8`: the same, and the transformer blocks' matrix products "
+        "(linear layers and the feed-forward's 1x1/temporal convolutions) in float8 with dynamic scaling (torchao float8 "
+        "training; the weights stay as `model.base_model_precision` says; LoRA: the frozen base only). Needs an sm89+ GPU "
+        "(L4, L40S, RTX 40xx, H100) and `speed.compile_blocks` to be faster. `no`: compute in the weights' dtype.")
     optimizer: Literal["adamw", "adamw_bf16", "optimi-adamw", "adamw_8bit"] = Field(
         "adamw_bf16",
         description="`adamw`: torch fused AdamW. `adamw_bf16`: AdamW for bf16 weights with stochastic rounding (no fp32 copy). "

@@ -16,7 +16,7 @@ from . import quantize as quantize_mod
 
 log = logging.getLogger("trainer.train")
 
-# int8 / fp8: loaded in bf16, then quantised (LoRA: the frozen base) or trained with fp8 matmuls (full)
+# int8 / fp8 (LoRA only): loaded in bf16, then the frozen base is quantised
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16, "fp8": torch.bfloat16}
 
 
@@ -43,6 +43,7 @@ def prepare_transformer(transformer, spec):
     else:
         transformer.requires_grad_(True)
     quantize_mod.quantize_base(transformer, spec)
+    quantize_mod.enable_fp8_matmuls(transformer, spec)  # train.mixed_precision: fp8 (before compile)
     if spec.memory.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     from job.models.sanavideo.speed import apply_training_speedups

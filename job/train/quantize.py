@@ -1,19 +1,24 @@
-"""Quantised base weights (`model.base_model_precision: int8 | fp8`) through torchao.
+"""Quantised base weights (`model.base_model_precision: int8 | fp8`, LoRA) and float8 matrix products
+(`train.mixed_precision: fp8`, full or LoRA) through torchao.
 
 torchao is PyTorch's own quantisation library (maintained with torch, tensor subclasses that work
 with autograd, peft and torch.compile, and both weight-only int8 and float8 *training* in one
 package); optimum-quanto covers the LoRA half only and is in maintenance mode.
 
-- LoRA: after the adapters are added, every frozen `nn.Linear` (the base layers under the
-  adapters and the other frozen projections) gets weight-only quantised storage: int8
+- `quantize_base` (LoRA): after the adapters are added, every frozen `nn.Linear` (the base layers
+  under the adapters and the other frozen projections) gets weight-only quantised storage: int8
   (`Int8WeightOnlyConfig`, per-channel scales) or float8 e4m3 (`Float8WeightOnlyConfig`). The
   adapters stay in float32 and train as usual; gradients flow through the quantised base to them.
-- Full fine-tune with fp8: the weights stay bf16 (they are what is trained), and the matrix
-  products of the transformer blocks' linear layers run in float8 with dynamic scaling
-  (`convert_to_float8_training`; forward e4m3, gradients e5m2; the weight-gradient product stays
-  bf16, see `_fp8_training_config`). This needs an sm89+ GPU for
-  speed (preflight refuses older ones); layers whose sizes are not multiples of 16 stay bf16.
-  int8 for a full fine-tune is refused by the spec rules (a frozen-base format).
+  This saves memory, not time (the products still run in bf16).
+- `enable_fp8_matmuls` (`train.mixed_precision: fp8`): the weights stay what they were (bf16; a
+  full fine-tune trains them), and the transformer blocks' matrix products run in float8 with
+  dynamic tensorwise scaling (torchao float8 training; forward e4m3, gradients e5m2; the
+  weight-gradient product stays bf16, see `_fp8_training_config`): the linear layers through
+  `convert_to_float8_training` (LoRA: the frozen base layers only; the adapters stay float32), and
+  the feed-forward's 1x1 and temporal convolutions, which are ~62 % of the model's FLOPs but convs in
+  the checkpoint, through the same torchao product called from the fused feed-forward
+  (`speed.set_feedforward_matmul`; inside compiled blocks only). Needs an sm89+ GPU; layers whose
+  sizes are not multiples of 16 stay bf16.
 """
 
 from __future__ import annotations
@@ -29,15 +34,15 @@ log = logging.getLogger("trainer.train")
 QUANTISED = ("int8", "fp8")
 
 
-def check_available(precision: str) -> None:
+def check_available(precision: str, setting: str = "model.base_model_precision") -> None:
     """EnvironmentProblem (exit 3) at start when torchao cannot be imported."""
     try:
         import torchao  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a torchao built for another torch fails in several ways
+        fallback = "mixed_precision: bf16" if setting == "train.mixed_precision" else "base_model_precision: bf16"
         raise EnvironmentProblem(
-            f"model.base_model_precision {precision!r} quantises with torchao, which cannot be imported "
-            f"({exc.__class__.__name__}: {exc})",
-            "pip install torchao (a version matching your torch), or use base_model_precision: bf16") from None
+            f"{setting} {precision!r} needs torchao, which cannot be imported ({exc.__class__.__name__}: {exc})",
+            f"pip install torchao (a version matching your torch), or use {fallback}") from None
 
 
 def _frozen_linear(module: torch.nn.Module, fqn: str) -> bool:
@@ -50,6 +55,11 @@ def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
+#: Whether the weight-gradient product runs in float8 too (torchao's default tensorwise recipe, with the
+#: token dimension padded to a multiple of 16). Off: see `_fp8_training_config`; `bench/train_step.py` measures both.
+FP8_WEIGHT_GRADIENT = False
+
+
 def _fp8_training_config():
     """Tensorwise float8 for the forward and the input-gradient products; the weight-gradient product
     in bf16. Its inner size is the token count (81x832x480 gives 32,760 tokens), which float8
@@ -57,37 +67,90 @@ def _fp8_training_config():
     where float8 costs the most accuracy (torchao's `rowwise_with_gw_hp` recipe makes the same call)."""
     from torchao.float8 import CastConfig, Float8LinearConfig, ScalingType
 
+    if FP8_WEIGHT_GRADIENT:
+        return Float8LinearConfig(pad_inner_dim=True)
     return Float8LinearConfig(cast_config_input_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED),
                               cast_config_grad_output_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED))
 
 
+def _check_fp8_gpu(what: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        # preflight says the same; this catches a train phase started without it
+        raise EnvironmentProblem(f"{what} needs an sm89+ GPU (Ada, Hopper or newer); {torch.cuda.get_device_name()} is "
+                                 "sm{}{}".format(*torch.cuda.get_device_capability()),
+                                 "use bf16, or an L4/L40S/RTX 40xx/H100 or newer GPU")
+
+
 def quantize_base(transformer: torch.nn.Module, spec) -> int:
-    """Quantise as `model.base_model_precision` says; returns the number of layers changed (0 for bf16/fp32)."""
+    """Quantise the frozen base as `model.base_model_precision` says (LoRA; the spec rules refuse int8 / fp8
+    for a full fine-tune); returns the number of layers changed (0 for bf16/fp32)."""
     precision = spec.model.base_model_precision
     if precision not in QUANTISED:
         return 0
     check_available(precision)
-    if precision == "fp8" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
-        # preflight says the same; this catches a train phase started without it
-        raise EnvironmentProblem(f"fp8 needs an sm89+ GPU (Ada, Hopper or newer); {torch.cuda.get_device_name()} is "
-                                 "sm{}{}".format(*torch.cuda.get_device_capability()),
-                                 "use base_model_precision: bf16 (or int8 with LoRA), or an L4/L40S/RTX 40xx/H100 or newer GPU")
-    if spec.model.type == "lora":
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    if spec.model.type != "lora":
+        raise ValueError(f"base_model_precision {precision} is a frozen-base format (LoRA); a full fine-tune trains bf16 or fp32")
+    if precision == "fp8":
+        _check_fp8_gpu("base_model_precision: fp8")
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-        layers = sum(1 for name, m in transformer.named_modules() if _frozen_linear(m, name))
-        config = Int8WeightOnlyConfig() if precision == "int8" else Float8WeightOnlyConfig()
-        quantize_(transformer, config, filter_fn=_frozen_linear)
-        log.info("frozen base quantised to %s (torchao %s): %d linear layers", precision, type(config).__name__, layers)
-        return layers
-    if precision != "fp8":
-        raise ValueError(f"{precision} is a frozen-base format; a full fine-tune trains with bf16 or fp8")
+    layers = sum(1 for name, m in transformer.named_modules() if _frozen_linear(m, name))
+    config = Int8WeightOnlyConfig() if precision == "int8" else Float8WeightOnlyConfig()
+    quantize_(transformer, config, filter_fn=_frozen_linear)
+    log.info("frozen base quantised to %s (torchao %s): %d linear layers", precision, type(config).__name__, layers)
+    return layers
+
+
+class Float8Product:
+    """`F.linear(x, weight, bias)` with the product in float8: torchao's float8 training matmul (the autograd
+    function `Float8Linear` calls, so the same casts and scaling as the converted linear layers), for
+    weights that are not `nn.Linear` modules (the feed-forward's conv weights, used as matrices by the fused
+    feed-forward). Products whose sizes are not multiples of 16 run in bf16 through `F.linear`."""
+
+    def __init__(self, config):
+        from torchao.float8 import LinearMMConfig, ScaledMMConfig
+        # torchao's float8 training autograd function (not exported: `Float8Linear.forward` calls it)
+        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+        self._matmul = matmul_with_hp_or_float8_args
+        self.config = config
+        mm = [ScaledMMConfig(config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim)
+              for gemm in (config.gemm_config_output, config.gemm_config_grad_input, config.gemm_config_grad_weight)]
+        self.mm_config = LinearMMConfig(*mm)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] % 16 or weight.shape[0] % 16:
+            return torch.nn.functional.linear(x, weight, bias)
+        if torch.is_autocast_enabled():  # as Float8Linear: the product's inputs in the autocast dtype
+            x = x.to(torch.get_autocast_gpu_dtype())
+        out = self._matmul.apply(x, weight.to(x.dtype).t(), self.mm_config, self.config)
+        return out if bias is None else out + bias.to(out.dtype)
+
+
+def enable_fp8_matmuls(transformer: torch.nn.Module, spec) -> int:
+    """`train.mixed_precision: fp8`: the blocks' matrix products in float8 (see the module docstring).
+    Call after LoRA is added (its adapters must stay float32) and before the blocks are compiled.
+    Returns the number of linear layers converted."""
+    if spec.train.mixed_precision != "fp8":
+        return 0
+    check_available("fp8", setting="train.mixed_precision")
+    _check_fp8_gpu("train.mixed_precision: fp8")
     from torchao.float8 import convert_to_float8_training
 
-    layers = sum(1 for name, m in transformer.named_modules() if _fp8_linear(m, name))
+    from job.models.sanavideo.speed import set_feedforward_matmul
+
+    lora = spec.model.type == "lora"
+
+    def convert(module: torch.nn.Module, fqn: str) -> bool:
+        return _fp8_linear(module, fqn) and not (lora and module.weight.requires_grad)  # LoRA: not the adapters
+
+    config = _fp8_training_config()
+    layers = sum(1 for name, m in transformer.named_modules() if convert(m, name))
+    if layers:
+        convert_to_float8_training(transformer, config=config, module_filter_fn=convert)
+    feedforwards = set_feedforward_matmul(transformer, Float8Product(config))
     if not layers:
-        log.warning("fp8 training: no linear layer of the transformer blocks has sizes divisible by 16; all stay bf16")
-        return 0
-    convert_to_float8_training(transformer, config=_fp8_training_config(), module_filter_fn=_fp8_linear)
-    log.info("fp8 training (torchao float8, dynamic scaling) for %d linear layers of the transformer blocks", layers)
+        log.warning("fp8 matmuls: no linear layer of the transformer blocks has sizes divisible by 16; they stay bf16")
+    log.info("fp8 matmuls (torchao float8, dynamic scaling): %d linear layers%s and the feed-forward products of %d blocks "
+             "(inside compiled blocks)", layers, " (the frozen base; the adapters stay float32)" if lora else "", feedforwards)
     return layers

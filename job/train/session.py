@@ -226,7 +226,8 @@ def _accelerator(spec, ws):
     accelerator = Accelerator(
         # without CUDA, say so: accelerate then runs several processes as MULTI_CPU over gloo
         cpu=not torch.cuda.is_available(),
-        mixed_precision=spec.train.mixed_precision,
+        # fp8: bf16 autocast here; the float8 products are torchao's (`quantize.enable_fp8_matmuls`), not accelerate's
+        mixed_precision="bf16" if spec.train.mixed_precision == "fp8" else spec.train.mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(ws.output_dir), logging_dir=str(ws.logs_dir / "trackers")),
         step_scheduler_with_optimizer=False,

@@ -89,6 +89,31 @@ def test_sm86_with_fp8_fails_and_fp8_needs_torchao(make_spec, workspace, facts):
     assert report.row("precision").status == "ok"
 
 
+@pytest.mark.parametrize("model_type", ["full", "lora"])
+def test_sm86_with_fp8_products_fails_and_they_need_torchao(make_spec, workspace, facts, model_type):
+    spec_kw = {"model": {"type": model_type, "base_model_precision": "bf16"}, "train": {"mixed_precision": "fp8"}}
+    report, _ = run(make_spec, workspace, facts, spec_kw=spec_kw, name="NVIDIA A10", capability=(8, 6), total_gib=22, free_gib=21,
+                    libs={"torchao": "0.13.0"})
+    rows = [r for r in report.rows if r.check == "precision"]
+    assert [r.status for r in rows] == ["fail"] and "sm89" in rows[0].detail and "A10 is sm86" in rows[0].detail
+    assert "mixed_precision fp8" in rows[0].detail and "train.mixed_precision: bf16" in rows[0].fix
+    report, _ = run(make_spec, workspace, facts, spec_kw=spec_kw, name="NVIDIA L4", capability=(8, 9), total_gib=22, free_gib=21)
+    rows = [r for r in report.rows if r.check == "precision"]
+    assert [r.status for r in rows] == ["fail"] and "torchao" in rows[0].detail and "mixed_precision fp8" in rows[0].detail
+    assert "pip install torchao" in rows[0].fix and "train.mixed_precision: bf16" in rows[0].fix
+    report, _ = run(make_spec, workspace, facts, spec_kw=spec_kw, name="NVIDIA L4", capability=(8, 9), total_gib=22, free_gib=21,
+                    libs={"torchao": "0.13.0"})
+    assert report.row("precision").status == "ok" and "mixed precision fp8" in report.row("precision").detail
+
+
+def test_fp8_products_on_a_t4_fail_for_bf16_and_for_fp8(make_spec, workspace, facts):
+    # fp8 products autocast in bf16 too, so an sm75 GPU fails both ways
+    report, _ = run(make_spec, workspace, facts, spec_kw={"train": {"mixed_precision": "fp8"}}, name="Tesla T4", capability=(7, 5),
+                    total_gib=15, free_gib=14.5, libs={"torchao": "0.13.0"})
+    details = [r.detail for r in report.rows if r.check == "precision" and r.status == "fail"]
+    assert len(details) == 2 and "sm80" in details[0] and "sm89" in details[1], details
+
+
 def test_optimizer_library_missing(make_spec, workspace, facts):
     report, _ = run(make_spec, workspace, facts, spec_kw={"train": {"optimizer": "adamw_8bit"}})
     row = report.row("precision")

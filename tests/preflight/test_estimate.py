@@ -189,6 +189,17 @@ def _shape(make_spec, frames, res, **kw):
     return inputs_from_spec(spec)
 
 
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_fp8_products_are_estimated_as_bf16_autocast(make_spec, kind):
+    # the float8 copies of a product's operands are transient; weights, gradients and activations stay as with bf16
+    fp8 = inputs_from_spec(make_spec(model={"type": kind}, train={"mixed_precision": "fp8"}))
+    bf16 = inputs_from_spec(make_spec(model={"type": kind}, train={"mixed_precision": "bf16"}))
+    no = inputs_from_spec(make_spec(model={"type": kind}, train={"mixed_precision": "no"}))
+    assert fp8.autocast and training_phases(fp8) == training_phases(bf16)
+    assert estimate_training_vram(fp8).to_dict() == estimate_training_vram(bf16).to_dict()
+    assert training_phases(fp8) != training_phases(no)  # autocast is counted at all
+
+
 @pytest.mark.parametrize("ckpt", [True, False])
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_more_frames_never_needs_less(make_spec, ckpt, kind):

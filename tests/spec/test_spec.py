@@ -78,6 +78,10 @@ RULES = [
     ({"train.ema": {"validation": "ema_only"}}, "train.ema", "use_ema"),
     ({"train.max_train_steps": None}, "train.max_train_steps", "no length"),
     ({"model.base_model_precision": "int8"}, "model.base_model_precision", "lora"),
+    ({"model.base_model_precision": "fp8"}, "model.base_model_precision", "train.mixed_precision: fp8"),
+    ({"model.type": "lora", "model.base_model_precision": "int8", "train.mixed_precision": "fp8"}, "train.mixed_precision", "int8"),
+    ({"model.type": "lora", "model.base_model_precision": "fp8", "train.mixed_precision": "fp8"}, "train.mixed_precision", "fp8"),
+    ({"memory.group_offload": {"enabled": True}, "train.mixed_precision": "fp8"}, "memory.group_offload.enabled", "mixed_precision: fp8"),
     ({"model.lora": {"rank": 8}}, "model.lora", "model.type"),
     ({"validation.preview": {"enabled": True}}, "validation.preview.enabled", "webhook"),
     ({"validation.eval_loss": {"enabled": True}}, "validation.eval_loss.enabled", "holdout_fraction"),
@@ -117,6 +121,18 @@ def test_each_rule_names_the_field(changes, path, word):
     matching = [p for p in problems if p.startswith(path + ":") or p.startswith(path + " ")]
     assert matching, f"no problem at {path}: {problems}"
     assert any(word in p for p in matching), matching
+
+
+@pytest.mark.parametrize("model_type", ["full", "lora"])
+def test_fp8_products_with_a_bf16_base_are_valid(model_type):
+    spec = validate_data(spec_with(**{"model.type": model_type, "train.mixed_precision": "fp8"}), env={}).spec
+    assert spec.train.mixed_precision == "fp8" and spec.model.base_model_precision == "bf16"
+
+
+def test_fp8_full_fine_tune_through_the_base_precision_points_at_mixed_precision():
+    (problem,) = problems_of(spec_with(**{"model.base_model_precision": "fp8"}))
+    assert problem.startswith("model.base_model_precision:") and "needs model.type: lora" in problem
+    assert "train.mixed_precision: fp8" in problem.split("(fix:")[1]  # the fix names the setting to use instead
 
 
 def test_five_mistakes_give_five_messages():

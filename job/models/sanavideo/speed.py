@@ -237,13 +237,14 @@ def _depthwise3x3_conv(u: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     return out.permute(0, 2, 3, 1)
 
 
-def _temporal_conv_plus_identity(p: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
+def _temporal_conv_plus_identity(p: torch.Tensor, weight: torch.Tensor, how: str, linear=F.linear) -> torch.Tensor:
     """p + conv_temp(p) over frames, on (B, F, HW, C): out[f] = p[f] + W0 p[f-1] + W1 p[f] + W2 p[f+1]
-    (zero outside the clip), with W_k = weight[:, :, k, 0] (C_out, C_in)."""
+    (zero outside the clip), with W_k = weight[:, :, k, 0] (C_out, C_in). `linear` computes the product
+    of the "one" variant (`F.linear`, or the float8 product of `FF_MATMUL_ATTR`)."""
     taps = weight[..., 0].permute(2, 0, 1)  # (3, C_out, C_in)
     if how == "one":
         c = taps.shape[1]
-        q = F.linear(p, taps.reshape(3 * c, -1)).unflatten(-1, (3, c))  # (B, F, HW, 3, C)
+        q = linear(p, taps.reshape(3 * c, -1)).unflatten(-1, (3, c))  # (B, F, HW, 3, C)
         prev = F.pad(q[:, :-1, :, 0], (0, 0, 0, 0, 1, 0))  # W0 p[f-1]; zero at f = 0
         nxt = F.pad(q[:, 1:, :, 2], (0, 0, 0, 0, 0, 1))  # W2 p[f+1]; zero at f = F-1
         return p + (q[:, :, :, 1] + prev + nxt)
@@ -275,12 +276,14 @@ def glumb_forward_channels_last(ff, hidden_states: torch.Tensor, depthwise: str 
     that layout, with `ff`'s own parameters: the 1x1 convs as `F.linear` (plain GEMMs on the (..., C)
     tensor instead of cuDNN implicit GEMMs and their NCHW views), the depthwise 3x3 on NHWC, and the
     temporal conv as matmuls over the channel axis (no (B, C, F, HW) permutes). With `kernels`, SiLU +
-    depthwise + gate run as one Triton kernel where `_dwconv_kernel_applies` (inference)."""
+    depthwise + gate run as one Triton kernel where `_dwconv_kernel_applies` (inference). The three
+    GEMMs go through `ff`'s `FF_MATMUL_ATTR` callable when one is set (`train.mixed_precision: fp8`)."""
     depthwise, temporal = depthwise or FF_DEPTHWISE, temporal or FF_TEMPORAL
+    linear = getattr(ff, FF_MATMUL_ATTR, None) or F.linear
     b, f, h, w, c = hidden_states.shape
     residual = hidden_states
     conv_in, conv_depth, conv_point = ff.conv_inverted, ff.conv_depth, ff.conv_point
-    v = F.linear(hidden_states, conv_in.weight.flatten(1), conv_in.bias).view(b * f, h, w, -1)  # 2 * hidden
+    v = linear(hidden_states, conv_in.weight.flatten(1), conv_in.bias).view(b * f, h, w, -1)  # 2 * hidden
     if kernels and _dwconv_kernel_applies(ff, v):
         x = ff_kernel.ff_dwconv_silu_gate(v, conv_depth.weight, conv_depth.bias)
     else:
@@ -293,8 +296,8 @@ def glumb_forward_channels_last(ff, hidden_states: torch.Tensor, depthwise: str 
             raise ValueError(f"unknown depthwise variant {depthwise!r}")
         x, gate = d.chunk(2, dim=-1)
         x = x * ff.nonlinearity(gate)
-    p = F.linear(x, conv_point.weight.flatten(1), conv_point.bias).reshape(b, f, h * w, c)
-    out = _temporal_conv_plus_identity(p, ff.conv_temp.weight, temporal).view(b, f, h, w, c)
+    p = linear(x, conv_point.weight.flatten(1), conv_point.bias).reshape(b, f, h * w, c)
+    out = _temporal_conv_plus_identity(p, ff.conv_temp.weight, temporal, linear).view(b, f, h, w, c)
     if ff.residual_connection:
         out = out + residual
     return out
@@ -377,6 +380,22 @@ def feedforward_fused(ff) -> bool:
 #: Instance attribute of a patched `GLUMBTempConv`: whether its fused forward may use the Triton kernel
 #: (`speed.fused_kernels`), set when the forward is bound.
 FUSED_KERNELS_ATTR = "_trainer_fused_kernels"
+#: Instance attribute of a `GLUMBTempConv`: a callable with `F.linear`'s signature that computes the fused
+#: forward's three GEMMs (set by `set_feedforward_matmul`; absent: `F.linear`).
+FF_MATMUL_ATTR = "_trainer_ff_matmul"
+
+
+def set_feedforward_matmul(transformer, matmul) -> int:
+    """Have every block's fused feed-forward compute its GEMMs (conv_inverted and conv_point as 1x1
+    products, the temporal taps as one product) with `matmul(x, weight, bias=None)` instead of
+    `F.linear`; for `train.mixed_precision: fp8` (`job.train.quantize`), which cannot swap these convs
+    for `nn.Linear` modules because the checkpoint keeps them as convs. Only the fused forward reads it,
+    i.e. inside compiled blocks (`feedforward: fused`); diffusers' conv forward is unchanged. Returns
+    how many modules were set."""
+    ffs = _feedforwards(transformer)
+    for ff in ffs:
+        setattr(ff, FF_MATMUL_ATTR, matmul)
+    return len(ffs)
 
 
 def use_fused_feedforward(transformer, kernels: bool = False) -> tuple[int, list[str]]:
