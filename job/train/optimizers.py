@@ -207,14 +207,20 @@ class AdamWBF16(torch.optim.Optimizer):
     Parameters on CUDA are updated by `adamw_update_` compiled into one fused kernel each, called
     in chunks (`adamw_update_many_`); `fused`: None = on CUDA, True = everywhere (tests), False =
     never. Elsewhere (CPU) the same function runs eagerly and is the reference. If compiling fails,
-    the eager path takes over with a warning."""
+    the eager path takes over with a warning. float32 weights with float32 gradients need no rounding:
+    on CUDA (`torch_fused_fp32`: None = on CUDA, True = everywhere (tests), False = never) they go
+    through torch's multi-tensor fused AdamW kernel instead, a few launches for all of them (LoRA's
+    ~320 adapter tensors took ~24 ms of host time as compiled chunk calls on an H100, for ~1 ms of
+    GPU work: bench/RESULTS.md); same update, other fp32 rounding order."""
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, seed: int = 0, fused: bool | None = None):
+                 weight_decay: float = 0.0, seed: int = 0, fused: bool | None = None,
+                 torch_fused_fp32: bool | None = None):
         self._param_index: dict[int, int] = {}
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._seed = seed
         self._fused = fused
+        self._torch_fused_fp32 = torch_fused_fp32
         self._compiled_ok: set[tuple] = set()  # dtype pairs whose compiled update ran: later failures are errors
         self._scratch_pool: dict[tuple, list] = {}
         self._alias_cache: dict[int, tuple] = {}  # id(param) -> its flat aliases (see _flat_aliases)
@@ -229,6 +235,13 @@ class AdamWBF16(torch.optim.Optimizer):
     def _use_compiled(self, device: torch.device) -> bool:
         return self._fused is True or (self._fused is None and device.type == "cuda")
 
+    def _use_torch_fused(self, p: torch.Tensor) -> bool:
+        if p.dtype != torch.float32 or p.grad.dtype != torch.float32 or p.grad.is_sparse:
+            return False
+        if not (p.is_contiguous() and p.grad.is_contiguous()):  # the multi-tensor kernel walks memory, not indices
+            return False
+        return self._torch_fused_fp32 is True or (self._torch_fused_fp32 is None and p.device.type == "cuda")
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -236,7 +249,9 @@ class AdamWBF16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work: dict[torch.device, list] = {}
+        torch_fused: list[tuple[dict, list]] = []
         for group in self.param_groups:
+            fp32: list = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -247,8 +262,15 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 state["step"] += 1
                 step = state["step"]
+                if self._use_torch_fused(p):
+                    fp32.append((p, state))
+                    continue
                 key = rounding_key(self._seed, step, self._param_index.setdefault(id(p), len(self._param_index)))
                 work.setdefault(p.device, []).append((p, state, hyper_row(group, step), key))
+            if fp32:
+                torch_fused.append((group, fp32))
+        for group, entries in torch_fused:
+            self._step_torch_fused(group, entries)
         for device, items in work.items():
             if self._use_compiled(device):
                 by_dtypes: dict[tuple, list] = {}
@@ -259,6 +281,21 @@ class AdamWBF16(torch.optim.Optimizer):
             else:
                 self._step_eager(device, items)
         return loss
+
+    @staticmethod
+    def _step_torch_fused(group: dict, entries: list) -> None:
+        """float32 weights of one group: torch's fused AdamW kernel (the steps are kept as ints in the
+        state, so the same state dict serves every path; the kernel reads them as float32 tensors)."""
+        by_device: dict[torch.device, list] = {}
+        for p, state in entries:
+            by_device.setdefault(p.device, []).append((p, state))
+        beta1, beta2 = group["betas"]
+        for device, items in by_device.items():
+            steps = torch.tensor([float(state["step"]) for _, state in items], dtype=torch.float32).to(device).unbind()
+            torch._fused_adamw_([p.detach() for p, _ in items], [p.grad for p, _ in items],
+                                [state["exp_avg"] for _, state in items], [state["exp_avg_sq"] for _, state in items],
+                                [], list(steps), amsgrad=False, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                                weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     @staticmethod
     def _flat(p: torch.Tensor, state: dict, alias=None) -> tuple:

@@ -289,3 +289,36 @@ def test_compiled_chunked_update_matches_the_eager_one(monkeypatch):
             else:
                 assert float((p - q).norm() / q.norm()) < 1e-6
     assert counters["stats"]["unique_graphs"] - graphs_before == 2  # one per dtype, whatever the sizes
+
+
+def test_float32_weights_through_torchs_fused_kernel_match_the_eager_update_and_resume():
+    """What CUDA does with float32 weights (LoRA adapters): torch's fused AdamW kernel, forced here on the
+    CPU. Same update as the eager reference up to fp32 rounding order, the same int steps in the state
+    dict, and a resume from that state dict (in either direction) carries on as one run."""
+    params = _params(torch.float32)
+    reference = _clone(params)
+    bf16 = _params(torch.bfloat16, seed=1)  # a bf16 parameter in the same optimizer keeps the rounding path
+    bf16_reference = _clone(bf16)
+    fused = AdamWBF16(params + bf16, torch_fused_fp32=True, fused=False, **KW)
+    eager = AdamWBF16(reference + bf16_reference, torch_fused_fp32=False, fused=False, **KW)
+    calls = []
+    original = torch._fused_adamw_
+    try:
+        torch._fused_adamw_ = lambda *a, **k: (calls.append(len(a[0])), original(*a, **k))[1]
+        for step in range(4):
+            if step == 2:  # resume: each optimizer loads the other's state
+                fused_state, eager_state = _save_load(fused.state_dict()), _save_load(eager.state_dict())
+                fused.load_state_dict(eager_state)
+                eager.load_state_dict(fused_state)
+            _grads(params + bf16, step)
+            _grads(reference + bf16_reference, step)
+            fused.step()
+            eager.step()
+    finally:
+        torch._fused_adamw_ = original
+    assert calls == [len(params) - 1] * 4  # the contiguous float32 weights, in one call per step
+    assert fused.state[params[0]]["step"] == 4 and isinstance(fused.state[params[0]]["step"], int)
+    for p, q, start in zip(params, reference, _params(torch.float32)):
+        assert float((p - q).norm() / q.norm()) < 1e-6
+        assert not torch.equal(p, start)  # they moved
+    assert all(torch.equal(p, q) for p, q in zip(bf16, bf16_reference))
