@@ -45,6 +45,14 @@ class SpeedSpec(Section):
         "the PyTorch/cuDNN ops, so what the model learns is unchanged. CUDA only (elsewhere the PyTorch ops run). "
         "Off: PyTorch/cuDNN ops everywhere.",
     )
+    trim_text_padding: bool = Field(
+        True,
+        description="Training: cut each batch's prompt embeddings after the last real token of its longest prompt "
+        "(rounded up to a multiple of 64), so the cross-attention and its key/value projections skip the padding of the "
+        "300-token prompts. Exact up to summation order: the transformer gives padded keys a -10000 bias, which the "
+        "softmax turns into zero weights. Under compile_blocks the blocks compile once more for the second prompt length "
+        "(then for any length). Off: every step attends over all 300 positions.",
+    )
     keep_activations_blocks: int = Field(
         0,
         ge=0,

@@ -11,6 +11,8 @@ import torch
 
 from job.errors import EXIT_BAD_INPUT, TrainerError
 
+from job.models.sanavideo.speed import trim_text_padding
+
 from .offload import background_optimizer
 from .rollout import rollout_inputs
 
@@ -34,7 +36,8 @@ class StepOutcome:
 
 
 def caption_dropout(s, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt embeddings and mask, with some samples replaced by the cached empty prompt."""
+    """Prompt embeddings and mask, with some samples replaced by the cached empty prompt, and with the
+    padding after the longest prompt cut (`speed.trim_text_padding`)."""
     embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
     b = embeds.shape[0]
     drop = (torch.rand(b * s.world, generator=s.generator) < s.spec.train.caption_dropout_probability)[s.rank * b:(s.rank + 1) * b]
@@ -42,6 +45,8 @@ def caption_dropout(s, batch: dict, device: torch.device) -> tuple[torch.Tensor,
         empty_embeds, empty_mask = s.empty_prompt
         embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype)[None], embeds)
         mask = torch.where(drop[:, None], empty_mask.to(mask.dtype)[None], mask)
+    if s.spec.speed.trim_text_padding:
+        embeds, mask = trim_text_padding(embeds, mask)
     return embeds.to(device, s.weight_dtype), mask.to(device)
 
 

@@ -430,6 +430,32 @@ def _apply_fused_feedforward(transformer, applied: list[str], kernels: bool) -> 
                  " ..." if len(skipped) > 3 else "")
 
 
+# --------------------------------------------------------------------------- prompt padding
+
+#: `trim_text_padding` rounds the kept prompt length up to this, so a run sees a few lengths, not every one
+TEXT_LENGTH_MULTIPLE = 64
+
+
+def trim_text_padding(embeds: torch.Tensor, mask: torch.Tensor | None,
+                      multiple: int = TEXT_LENGTH_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`speed.trim_text_padding`: prompt embeddings (B, T, C) and mask (B, T) cut after the batch's last valid
+    token, rounded up to `multiple` (at most T). The transformer turns the mask into a -10000 bias on the
+    padded keys, which softmax makes exact zeros, so the cross-attention's output only changes by summation
+    order. Nothing is cut when a prompt has no valid token at all (it then attends to every key equally).
+    Call on the CPU batch (reading the mask on a GPU would wait for it)."""
+    if mask is None or mask.ndim != 2 or mask.shape[1] == 0:
+        return embeds, mask
+    valid = mask.bool()
+    if not bool(valid.any(dim=1).all()):
+        return embeds, mask
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = int((valid * positions).max())
+    keep = min(mask.shape[1], -(-last // multiple) * multiple)
+    if keep == mask.shape[1]:
+        return embeds, mask
+    return embeds[:, :keep], mask[:, :keep]
+
+
 # --------------------------------------------------------------------------- entry points
 
 def _attn_kernels_note(kernels: bool) -> str:
