@@ -71,13 +71,25 @@ FULL_VARIANTS = {
     "job-autocast-keep8": {"mixed_precision": "bf16", "keep_activations_blocks": 8},
     "job-autocast-keep12": {"mixed_precision": "bf16", "keep_activations_blocks": 12},
     "job-autocast-no-speedups": {"mixed_precision": "bf16", "compile_blocks": False, "linear_attention": "diffusers"},
+    # float8 products (train.mixed_precision: fp8); "fp8_weight_gradient": the weight-gradient product in float8 too
+    "job-fp8": {"mixed_precision": "fp8"},
+    "job-fp8-keep20-budget0.15": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
+    "job-fp8-gw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "keep_activations_blocks": 20,
+                                     "activation_memory_budget": 0.15},
 }
 LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward": "diffusers"},
                  "job-lora-keep8": {"keep_activations_blocks": 8},
                  # no block recomputed whole; the compiler recomputes elementwise work within the memory budget
                  "job-lora-keep20-budget0.5": {"keep_activations_blocks": 20, "activation_memory_budget": 0.5},
                  "job-lora-keep20-budget0.3": {"keep_activations_blocks": 20, "activation_memory_budget": 0.3},
-                 "job-lora-keep20-budget0.15": {"keep_activations_blocks": 20, "activation_memory_budget": 0.15}}
+                 "job-lora-keep20-budget0.15": {"keep_activations_blocks": 20, "activation_memory_budget": 0.15},
+                 "job-lora-fp8": {"mixed_precision": "fp8"},
+                 "job-lora-fp8-keep20-budget0.5": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.5},
+                 "job-lora-fp8-keep20-budget0.3": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.3},
+                 "job-lora-fp8-keep20-budget0.5-no-trim": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                           "activation_memory_budget": 0.5, "trim_text_padding": False},
+                 "job-lora-fp8-keep20-budget0.5-adamw": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                         "activation_memory_budget": 0.5, "optimizer": "adamw"}}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -178,14 +190,21 @@ def fixed_inputs(sh: dict, seed: int = 1234) -> dict:
 
 
 def cache_batches(sh: dict):
-    """An endless stream of CPU batches shaped like the latent cache's (what `TrainSession.batches` yields)."""
+    """An endless stream of CPU batches shaped like the latent cache's (what `TrainSession.batches` yields):
+    4 batches made up front and repeated, because the job's loader makes them in worker processes while
+    the GPU steps (drawing them here, ~15 ms of host time per step, would count against both paths).
+    Their prompts have 120, 60, 200 and 120 real tokens of the 300 positions (the plain path attends over
+    all 300 either way; `speed.trim_text_padding` cuts to 128, 64, 256, 128)."""
     g = torch.Generator().manual_seed(7)
-    mask = torch.ones(sh["text"][:2], dtype=torch.long)
-    mask[:, sh["text"][1] * 2 // 5:] = 0
+    pool = []
+    for fraction in (0.4, 0.2, 2 / 3, 0.4):
+        mask = torch.ones(sh["text"][:2], dtype=torch.long)
+        mask[:, round(sh["text"][1] * fraction):] = 0
+        latents = torch.randn(sh["latent"], generator=g).to(torch.bfloat16)
+        pool.append({"latents": latents.pin_memory() if cuda() else latents,
+                     "prompt_embeds": torch.randn(sh["text"], generator=g).to(torch.bfloat16), "prompt_attention_mask": mask})
     while True:
-        yield {"latents": torch.randn(sh["latent"], generator=g).to(torch.bfloat16),
-               "prompt_embeds": torch.randn(sh["text"], generator=g).to(torch.bfloat16),
-               "prompt_attention_mask": mask.clone()}
+        yield from pool
 
 
 def make_spec(kind: str, speed: dict, args):
@@ -319,10 +338,47 @@ def profile_table(fn, path: Path | None, rows: int = 30) -> list[str]:
         fn()
         sync()
     key = "self_cuda_time_total" if cuda() else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=max(rows, 80), max_name_column_width=90)
     if path is not None:
+        if cuda():
+            trace = path.with_suffix(".trace.json")
+            prof.export_chrome_trace(str(trace))
+            table += "\n\n" + gpu_idle_report(trace)
+            trace.unlink()
         path.write_text(table)
     return table.splitlines()[:rows // 2 + 4]
+
+
+def gpu_idle_report(trace_path: Path, top: int = 15, min_gap_ms: float = 0.2) -> str:
+    """Where the GPU waited during the profiled step: the union of kernel (and memcpy/memset) intervals,
+    the gaps between them, and for the longest gaps the CPU ops running meanwhile (longest overlap first)."""
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    cpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime")]
+    if not gpu:
+        return "no GPU events in the trace"
+    busy, gaps, (start, end) = 0.0, [], gpu[0]
+    for s, e in gpu[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, end, s))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = gpu[-1][1] - gpu[0][0] if gpu else 0
+    lines = [f"GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms "
+             f"in {len(gaps)} gaps ({sum(g for g, _, _ in gaps if g >= min_gap_ms * 1e3) / 1e3:.1f} ms in gaps >= {min_gap_ms} ms)"]
+    for gap, s, e in sorted(gaps, reverse=True)[:top]:
+        overlap = {}
+        for c in cpu:
+            o = min(e, c["ts"] + c.get("dur", 0)) - max(s, c["ts"])
+            if o > 0:
+                overlap[c["name"]] = overlap.get(c["name"], 0) + o
+        names = ", ".join(f"{n[:60]} {o / 1e3:.2f}" for n, o in sorted(overlap.items(), key=lambda kv: -kv[1])[:6])
+        lines.append(f"  gap {gap / 1e3:.2f} ms at +{(s - gpu[0][0]) / 1e3:.1f} ms: {names}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -367,8 +423,12 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
     del model
     cleanup()
 
+    from job.train import quantize
+
     for i, (name, speed) in enumerate(variants.items()):
         job = None
+        speed = dict(speed)
+        quantize.FP8_WEIGHT_GRADIENT = speed.pop("fp8_weight_gradient", False)
         try:
             # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
             # the block's forward is one) is reached after a few variants and later ones silently run eagerly
@@ -377,18 +437,19 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
             model = build_model(args.tiny)
             model.load_state_dict(weights)
             job = JobPath(model, make_spec(kind, speed, args), sh)
-            res = {"speed": speed, "numerics": job.numerics(inp)}
+            res = {"speed": variants[name], "numerics": job.numerics(inp)}
             try:
                 res.update(timed(job.step, args.warmup, args.iters))
             except Exception as exc:  # noqa: BLE001 - keep the numerics of a variant whose steps fail
                 res["error"] = f"{type(exc).__name__}: {exc}"
-            if args.profile and name in ("job-default", "job-ff-diffusers") and kind == "full":
+            if args.profile and name in args.profile_variants.split(","):
                 file = "profile_job.txt" if name == "job-default" else f"profile_{name}.txt"
                 res["profile_top"] = profile_table(job.step, args.out.parent / file)
             record(name, res)
         except Exception as exc:  # noqa: BLE001
-            record(name, {"speed": speed, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
+            record(name, {"speed": variants[name], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
         job = model = None
+        quantize.FP8_WEIGHT_GRADIENT = False
         cleanup()
 
 
@@ -498,7 +559,9 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="full,lora,validation", help="comma list of full, lora, validation")
     p.add_argument("--full-variants", default=",".join(FULL_VARIANTS), help="comma list of " + ", ".join(FULL_VARIANTS))
     p.add_argument("--lora-variants", default=",".join(LORA_VARIANTS), help="comma list of " + ", ".join(LORA_VARIANTS))
-    p.add_argument("--profile", action="store_true", help="torch.profiler table of one plain and one job step (full)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one plain step (full) and of the "
+                   "--profile-variants steps")
+    p.add_argument("--profile-variants", default="job-default,job-ff-diffusers", help="comma list of variants to profile")
     p.add_argument("--optimizer", default=None, help="train.optimizer of the job variants (default: the spec's default)")
     args = p.parse_args(argv)
     if args.tiny:
