@@ -104,6 +104,20 @@ def test_sm86_with_fp8_products_fails_and_they_need_torchao(make_spec, workspace
     report, _ = run(make_spec, workspace, facts, spec_kw=spec_kw, name="NVIDIA L4", capability=(8, 9), total_gib=22, free_gib=21,
                     libs={"torchao": "0.13.0"})
     assert report.row("precision").status == "ok" and "mixed precision fp8" in report.row("precision").detail
+    assert "float8 tensor cores" not in report.row("precision").detail  # already on
+
+
+def test_an_sm89_gpu_with_torchao_gets_the_fp8_hint(make_spec, workspace, facts):
+    def detail(spec_kw, capability, libs):
+        report, _ = run(make_spec, workspace, facts, spec_kw=spec_kw, name="GPU", capability=capability, total_gib=80,
+                        free_gib=79, libs=libs)
+        assert report.row("precision").status == "ok"
+        return report.row("precision").detail
+
+    assert "train.mixed_precision: fp8" in detail({}, (9, 0), {"torchao": "0.13.0"})
+    assert "float8" not in detail({}, (8, 0), {"torchao": "0.13.0"})  # an A100 has no float8 tensor cores
+    assert "float8" not in detail({}, (9, 0), {})  # nothing to run it with
+    assert "float8" not in detail({"speed": {"compile_blocks": False}}, (9, 0), {"torchao": "0.13.0"})  # no gain eagerly
 
 
 def test_fp8_products_on_a_t4_fail_for_bf16_and_for_fp8(make_spec, workspace, facts):
