@@ -153,4 +153,8 @@ def enable_fp8_matmuls(transformer: torch.nn.Module, spec) -> int:
         log.warning("fp8 matmuls: no linear layer of the transformer blocks has sizes divisible by 16; they stay bf16")
     log.info("fp8 matmuls (torchao float8, dynamic scaling): %d linear layers%s and the feed-forward products of %d blocks "
              "(inside compiled blocks)", layers, " (the frozen base; the adapters stay float32)" if lora else "", feedforwards)
+    if not spec.speed.compile_blocks:
+        log.warning("train.mixed_precision fp8 without speed.compile_blocks: the feed-forward stays bf16 and the float8 "
+                    "casts run as separate kernels, which made eager steps slower than bf16 (bench/RESULTS.md); "
+                    "turn speed.compile_blocks on, or use mixed_precision: bf16")
     return layers

@@ -316,3 +316,24 @@ def test_fp8_lora_base_on_a_gpu_older_than_sm89_is_an_environment_problem(tiny_m
                                model={**LORA, "pretrained_model_name_or_path": str(tiny_model), "base_model_precision": "fp8"}))
     with pytest.raises(EnvironmentProblem, match="base_model_precision: fp8 needs an sm89.*A100 is sm80"):
         quantize_base(torch.nn.Linear(16, 16), spec)
+
+
+def test_fp8_lora_job_renders_its_validation_videos_with_the_training_transformer(tmp_path, fp8_model_dir, caplog):
+    """The train phase as `trainer train` runs it, from real caches: validation during training renders with the
+    transformer whose products are float8 (in eval mode, without gradients), and training goes on after it."""
+    from job.phases import train
+    from job.workspace import Workspace
+    from pipeline_helpers import cache, loaded, write_clips
+
+    write_clips(tmp_path / "ws" / "clips")
+    job_spec = loaded(tmp_path / "ws", fp8_model_dir, model={**LORA16, "base_model_precision": "bf16"},
+                      train={"mixed_precision": "fp8", "max_train_steps": 3, "optimizer": "adamw_bf16"},
+                      validation={"enabled": True, "step_interval": 2, "resolutions": ["64x64"], "num_video_frames": 5,
+                                  "num_inference_steps": 2, "guidance": 1.0})
+    spec, ws = job_spec.spec, Workspace.for_spec(job_spec.spec)
+    cache(spec, ws)
+    train(job_spec, ws)
+    assert "fp8 matmuls (torchao float8, dynamic scaling): 16 linear layers" in caplog.text  # the renders go through them
+    assert len(_losses(ws)) == 3  # all three steps trained, before and after the render of step 2
+    assert sorted(p.parent.name for p in ws.validation_dir.glob("step_*/validation.mp4")) == ["step_000002", "step_000003"]
+    assert (ws.final_dir / "pytorch_lora_weights.safetensors").is_file()

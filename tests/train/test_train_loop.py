@@ -141,7 +141,8 @@ def test_caption_dropout_uses_the_empty_prompt():
 
     def session(p):
         return SimpleNamespace(generator=torch.Generator().manual_seed(0), world=1, rank=0, empty_prompt=empty,
-                               weight_dtype=torch.float32, spec=SimpleNamespace(train=SimpleNamespace(caption_dropout_probability=p)))
+                               weight_dtype=torch.float32, spec=SimpleNamespace(train=SimpleNamespace(caption_dropout_probability=p),
+                                                                               speed=SimpleNamespace(trim_text_padding=True)))
 
     e, m = caption_dropout(session(1.0), batch, torch.device("cpu"))
     assert torch.equal(e, empty[0].expand(4, 8, 32)) and m.sum() == 0

@@ -23,6 +23,10 @@ how the diffusers `SanaVideoTransformer3DModel` runs, never what it computes:
   compiled graph; only CUDA, where inductor's kernels pay off).
 - `keep_activations_blocks` checkpoints all but the last N blocks (selective checkpointing),
   through diffusers' `enable_gradient_checkpointing(gradient_checkpointing_func=...)`.
+- `trim_text_padding` (`trim_text_padding` below, applied by the training step to each batch)
+  cuts the prompt padding after the batch's longest prompt before the transformer sees it.
+- The float8 products of `train.mixed_precision: fp8` are set up by `job.train.quantize`; the fused
+  feed-forward takes its GEMM from there (`set_feedforward_matmul`).
 """
 
 from __future__ import annotations
