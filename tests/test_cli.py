@@ -149,6 +149,20 @@ def test_import_simpletuner_unsupported_precision_is_a_spec_error(tmp_path, caps
     assert field in err and ("'bf16', 'fp8' or 'no'" in err if value == "fp16" else "train.mixed_precision: fp8" in err), err
 
 
+@pytest.mark.parametrize("value,expected", [("int8-quanto", "int8"), ("fp8-torchao", "fp8"), ("no_change", "bf16"),
+                                            ("int4-quanto", None), ("nf4-bnb", None)])
+def test_import_simpletuner_base_precision_names(tmp_path, capsys, value, expected):
+    # SimpleTuner names the library in the value; the 8-bit ones map to trainer's torchao formats (a LoRA base)
+    config = json.loads((FIXTURES / "config.json").read_text())
+    config.update({"model_type": "lora", "base_model_precision": value})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["import-simpletuner", str(tmp_path / "config.json"), str(FIXTURES / "multidatabackend.json")]) == 0
+    captured = capsys.readouterr()
+    spec = yaml.safe_load(captured.out)
+    assert spec["model"].get("base_model_precision") == expected
+    assert ("4-bit and 2-bit bases are not supported" in captured.err) == (expected is None)
+
+
 def test_import_simpletuner_bad_json(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")

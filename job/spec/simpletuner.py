@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -157,10 +157,20 @@ def _hub_location(value: Any) -> Any:
     return value
 
 
-_VALUE_FIXES: dict[str, Callable[[Any], Any]] = {
-    "model.pretrained_model_name_or_path": _hub_location,
-    "model.pretrained_vae_model_name_or_path": _hub_location,
-}
+#: SimpleTuner's `base_model_precision` names -> trainer's. SimpleTuner picks the quantisation library in
+#: the name (quanto or torchao); trainer quantises a frozen base with torchao, to the same 8-bit formats.
+_BASE_PRECISIONS = {"no_change": "bf16", "int8-quanto": "int8", "int8-torchao": "int8", "fp8-quanto": "fp8",
+                    "fp8uz-quanto": "fp8", "fp8-torchao": "fp8", "fp8wo-torchao": "fp8"}
+
+
+def _base_precision(value: Any) -> tuple[Any, str | None]:
+    """(trainer's value or None to leave the field unset, why it was not imported)."""
+    if not isinstance(value, str) or value in ("bf16", "fp32", "int8", "fp8"):
+        return value, None
+    if value in _BASE_PRECISIONS:
+        return _BASE_PRECISIONS[value], None
+    return None, (f"{value!r}: trainer quantises a frozen LoRA base to int8 or fp8 only (4-bit and 2-bit bases are not "
+                  "supported); the base stays bf16")
 
 
 def convert(config: dict[str, Any], backends: list[dict[str, Any]] | None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -175,7 +185,13 @@ def convert(config: dict[str, Any], backends: list[dict[str, Any]] | None) -> tu
         if key in ("data_backend_config", "resolution", "resolution_type", "pretrained_model_name_or_path",
                    "pretrained_vae_model_name_or_path", "push_to_hub", "validation_resolution"):
             continue
-        if key in _CONFIG_KEYS:
+        if key == "base_model_precision":
+            value, why = _base_precision(value)
+            if why:
+                unsupported.append((raw_key, why))
+            if value is not None:
+                _set(spec, _CONFIG_KEYS[key], value)
+        elif key in _CONFIG_KEYS:
             _set(spec, _CONFIG_KEYS[key], value)
         elif key in _NOT_IMPORTED:
             if not (key == "validation_prompt_library" and value is False) and key != "hub_model_id":
