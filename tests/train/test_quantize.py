@@ -158,13 +158,19 @@ def _ff_forward_and_input_grad(ff, x):
     return out.detach(), x.grad
 
 
-def test_fp8_feedforward_products_go_through_torchao_and_track_bf16(tiny_model, monkeypatch):
-    model = _fp8_model()
-    enable_fp8_matmuls(model, _fp8_spec(tiny_model))
+def _first_feedforward_counted(model, monkeypatch):
+    """The first block's feed-forward, with a counter on the torchao product its `Float8Product` calls."""
     ff = model.transformer_blocks[0].ff
     product = getattr(ff, speed.FF_MATMUL_ATTR)
     counter = _CountingMatmul(product._matmul)
     monkeypatch.setattr(product, "_matmul", counter)
+    return ff, counter
+
+
+def test_fp8_feedforward_products_go_through_torchao_and_track_bf16(tiny_model, monkeypatch):
+    model = _fp8_model()
+    enable_fp8_matmuls(model, _fp8_spec(tiny_model))
+    ff, counter = _first_feedforward_counted(model, monkeypatch)
     x = torch.randn(1, 2, 4, 4, 32, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
 
     out8, grad8 = _ff_forward_and_input_grad(ff, x)
@@ -182,10 +188,7 @@ def test_fp8_feedforward_without_float8_sizes_falls_back_to_f_linear(tiny_model,
     model = _fp8_model(dim_per_head=12)  # the tiny model's sizes: 24 channels, 144 = 2 x 72 hidden
     assert enable_fp8_matmuls(model, _fp8_spec(tiny_model)) == 0
     assert "they stay bf16" in caplog.text
-    ff = model.transformer_blocks[0].ff
-    product = getattr(ff, speed.FF_MATMUL_ATTR)
-    counter = _CountingMatmul(product._matmul)
-    monkeypatch.setattr(product, "_matmul", counter)
+    ff, counter = _first_feedforward_counted(model, monkeypatch)
     x = torch.randn(1, 2, 4, 4, 24, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
     out8, grad8 = _ff_forward_and_input_grad(ff, x)
     monkeypatch.delattr(ff, speed.FF_MATMUL_ATTR)
