@@ -201,9 +201,7 @@ def _tokens_channels(inp: EstimateInputs, tokens: int | None = None, batch: int 
 def weights_bytes(inp: EstimateInputs) -> dict[str, float]:
     """Transformer weights resident on the GPU (group offload: only the groups in flight)."""
     p = inp.params
-    base = WEIGHT_BYTES[inp.base_precision]
-    if inp.model_type == "full" and inp.base_precision in ("int8", "fp8"):
-        base = 2  # (refused by the spec rules: a full fine-tune trains bf16 or fp32 weights)
+    base = WEIGHT_BYTES[inp.base_precision]  # int8 / fp8: a LoRA base (the spec rules refuse them for a full fine-tune)
     if inp.group_offload:
         if inp.group_offload_type == "leaf_level":
             resident_blocks = 0.25 if inp.group_offload_stream else 0.15
