@@ -367,7 +367,7 @@ def gpu_idle_report(trace_path: Path, top: int = 15, min_gap_ms: float = 0.2) ->
         else:
             end = max(end, e)
     busy += end - start
-    span = gpu[-1][1] - gpu[0][0] if gpu else 0
+    span = gpu[-1][1] - gpu[0][0]
     lines = [f"GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms "
              f"in {len(gaps)} gaps ({sum(g for g, _, _ in gaps if g >= min_gap_ms * 1e3) / 1e3:.1f} ms in gaps >= {min_gap_ms} ms)"]
     for gap, s, e in sorted(gaps, reverse=True)[:top]:
