@@ -53,6 +53,14 @@ class SpeedSpec(Section):
         "softmax turns into zero weights. Under compile_blocks the blocks compile once more for the second prompt length "
         "(then for any length). Off: every step attends over all 300 positions.",
     )
+    guard_on_device: bool = Field(
+        True,
+        description="Training: the NaN/inf guard (a step whose loss or gradient norm is not finite is skipped) "
+        "decides on the device, so gradient clipping and the optimizer update are queued right behind the backward "
+        "pass without waiting for the host to read the loss; the host reads loss and norm once, while the update runs. "
+        "Same result bit for bit. For `adamw` (fused) and `adamw_bf16`; other optimizers and group offload always let "
+        "the host decide first. Off: the host decides first.",
+    )
     keep_activations_blocks: int = Field(
         0,
         ge=0,

@@ -85,6 +85,8 @@ def _agreed_flags(s: TrainSession, stop: StopRequest) -> tuple[bool, bool]:
     if t.max_train_hours is not None and time.monotonic() - s.started >= t.max_train_hours * 3600:
         stop.request(f"the time budget train.max_train_hours={t.max_train_hours} is used up")
     time_due = c.minutes_interval is not None and time.monotonic() - s.last_save >= c.minutes_interval * 60
+    if s.world == 1:  # nothing to agree on: no device round trip, which would wait for the queued optimizer step
+        return bool(stop.requested), bool(time_due)
     flags = torch.tensor([float(stop.requested), float(time_due)], device=s.accelerator.device)
     flags = s.accelerator.reduce(flags, "max")
     return bool(flags[0] > 0), bool(flags[1] > 0)

@@ -142,36 +142,54 @@ def hyper_row(group: dict, step: int) -> list[float]:
 
 
 def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  hyper: torch.Tensor, key: torch.Tensor) -> None:
+                  hyper: torch.Tensor, key: torch.Tensor, skip: torch.Tensor | None = None) -> None:
     """One AdamW step of one flattened (1-D, contiguous) parameter, in place: fp32 moments, the new
     weight computed in fp32, then stochastically rounded into a bf16 `param` (copied into fp32 ones).
 
     Written with tensor scalars (`hyper`: float32 row of HYPER; `key`: 0-d int64, `rounding_key`) so that one
     `torch.compile(dynamic=True)` graph serves every parameter and step: on CUDA it becomes a single
     fused kernel (inputs read once, outputs written once, the noise computed in registers). The op
-    order is torch's single-tensor AdamW's, so fp32 parameters get exactly torch's AdamW."""
+    order is torch's single-tensor AdamW's, so fp32 parameters get exactly torch's AdamW.
+
+    `skip` (0-d bool on the device, the NaN/inf guard's verdict; None = step): True leaves weight and
+    moments as they were. The same values are computed into copies and then selected, so a step that is
+    not skipped gets the very bits of the unflagged update, without the host having to look first."""
     one_minus_beta1, beta2, one_minus_beta2, eps, decay, neg_step_size, bias2_sqrt = hyper.unbind()
     g = grad.float()
-    exp_avg.lerp_(g, one_minus_beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g * one_minus_beta2, g)  # = addcmul_(g, g, value=1 - beta2), bit for bit
-    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
-    weights = param.float().mul_(decay)  # for fp32 params `.float()` is `param` itself: updated in place
-    weights.addcdiv_(neg_step_size * exp_avg, denom)  # = addcdiv_(exp_avg, denom, value=-lr / bias1)
+    m = exp_avg if skip is None else exp_avg.clone()
+    v = exp_avg_sq if skip is None else exp_avg_sq.clone()
+    m.lerp_(g, one_minus_beta1)
+    v.mul_(beta2).addcmul_(g * one_minus_beta2, g)  # = addcmul_(g, g, value=1 - beta2), bit for bit
+    denom = (v.sqrt() / bias2_sqrt).add_(eps)
+    # for fp32 params `.float()` is `param` itself, updated in place; with a skip flag it must stay as it is
+    weights = (param.float() if skip is None else param.to(torch.float32, copy=True)).mul_(decay)
+    weights.addcdiv_(neg_step_size * m, denom)  # = addcdiv_(exp_avg, denom, value=-lr / bias1)
+    if skip is None:
+        if param.dtype == torch.bfloat16:
+            stochastic_round_(param, weights, key)
+        elif param.dtype != torch.float32:  # fp16 weights: round to nearest (fp32 ones were updated in place)
+            param.copy_(weights)
+        return
+    exp_avg.copy_(torch.where(skip, exp_avg, m))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
     if param.dtype == torch.bfloat16:
-        stochastic_round_(param, weights, key)
-    elif param.dtype != torch.float32:  # fp16 weights: round to nearest (fp32 ones were updated in place)
-        param.copy_(weights)
+        rounded = torch.empty_like(param)
+        stochastic_round_(rounded, weights, key)
+        param.copy_(torch.where(skip, param, rounded))
+    else:
+        param.copy_(torch.where(skip, param, weights.to(param.dtype)))
 
 
 def adamw_update_many_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                       exp_avg_sqs: list[torch.Tensor], hyper: torch.Tensor, keys: torch.Tensor) -> None:
-    """`adamw_update_` over lists of flattened parameters (`hyper`: (n, 7) rows, `keys`: (n,)).
+                       exp_avg_sqs: list[torch.Tensor], hyper: torch.Tensor, keys: torch.Tensor,
+                       skip: torch.Tensor | None = None) -> None:
+    """`adamw_update_` over lists of flattened parameters (`hyper`: (n, 7) rows, `keys`: (n,); one `skip` for all).
 
     What the CUDA path compiles: one call updates a chunk of FUSED_CHUNK tensors (one kernel each),
     so the per-call cost of a compiled function (guards, wrappers: ~0.1 ms) is paid once per chunk
     instead of once per tensor; per tensor it would dominate the step (measured: bench/RESULTS.md)."""
     for i in range(len(params)):
-        adamw_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], hyper[i], keys[i])
+        adamw_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], hyper[i], keys[i], skip)
 
 
 #: tensors per compiled call (short chunks are padded with scratch tensors: one graph for all)
@@ -196,6 +214,14 @@ def _run_compiled(fn, *args) -> None:
         fn(*args)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`. To CUDA through pinned memory without blocking: a plain copy from
+    pageable memory waits for the stream, i.e. for the backward pass, before the update can be queued."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW for bf16 weights: fp32 moments, the new weight computed in fp32 and stochastically rounded.
 
@@ -211,7 +237,14 @@ class AdamWBF16(torch.optim.Optimizer):
     on CUDA (`torch_fused_fp32`: None = on CUDA, True = everywhere (tests), False = never) they go
     through torch's multi-tensor fused AdamW kernel instead, a few launches for all of them (LoRA's
     ~320 adapter tensors took ~24 ms of host time as compiled chunk calls on an H100, for ~1 ms of
-    GPU work: bench/RESULTS.md); same update, other fp32 rounding order."""
+    GPU work: bench/RESULTS.md); same update, other fp32 rounding order.
+
+    Skipping a step on the device (the NaN/inf guard, `job.train.guard`): like torch's fused Adam under
+    `GradScaler`, `step()` honours a `found_inf` attribute (0-d float32 on the device, 1 = skip), so the
+    update is queued before the host knows whether the loss was finite. Weights and moments are then left
+    as they were by every path; the int step counters, advanced on the host before the launch (they
+    pick the bias corrections and the rounding noise), are put back by `rollback_skipped()` once the
+    host has read the verdict."""
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, seed: int = 0, fused: bool | None = None,
@@ -224,6 +257,7 @@ class AdamWBF16(torch.optim.Optimizer):
         self._compiled_ok: set[tuple] = set()  # dtype pairs whose compiled update ran: later failures are errors
         self._scratch_pool: dict[tuple, list] = {}
         self._alias_cache: dict[int, tuple] = {}  # id(param) -> its flat aliases (see _flat_aliases)
+        self._flagged_states: list[dict] = []  # states whose step counter the last step() with found_inf advanced
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -248,6 +282,8 @@ class AdamWBF16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        self._flagged_states = []
         work: dict[torch.device, list] = {}
         torch_fused: list[tuple[dict, list]] = []
         for group in self.param_groups:
@@ -261,6 +297,8 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                     state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 state["step"] += 1
+                if found_inf is not None:
+                    self._flagged_states.append(state)
                 step = state["step"]
                 if self._use_torch_fused(p):
                     fp32.append((p, state))
@@ -270,32 +308,43 @@ class AdamWBF16(torch.optim.Optimizer):
             if fp32:
                 torch_fused.append((group, fp32))
         for group, entries in torch_fused:
-            self._step_torch_fused(group, entries)
+            self._step_torch_fused(group, entries, found_inf)
         for device, items in work.items():
+            skip = None if found_inf is None else found_inf.to(device, non_blocking=True) != 0
             if self._use_compiled(device):
                 by_dtypes: dict[tuple, list] = {}
                 for item in items:
                     by_dtypes.setdefault((item[0].dtype, item[0].grad.dtype), []).append(item)
                 for dtypes, group_items in by_dtypes.items():
-                    self._step_compiled(device, dtypes, group_items)
+                    self._step_compiled(device, dtypes, group_items, skip)
             else:
-                self._step_eager(device, items)
+                self._step_eager(device, items, skip)
         return loss
 
+    def rollback_skipped(self) -> None:
+        """Put back the step counters of the last `step()` run with `found_inf` set, after the host has
+        learnt that the device skipped it (weights and moments were left as they were there)."""
+        for state in self._flagged_states:
+            state["step"] -= 1
+        self._flagged_states = []
+
     @staticmethod
-    def _step_torch_fused(group: dict, entries: list) -> None:
+    def _step_torch_fused(group: dict, entries: list, found_inf: torch.Tensor | None = None) -> None:
         """float32 weights of one group: torch's fused AdamW kernel (the steps are kept as ints in the
-        state, so the same state dict serves every path; the kernel reads them as float32 tensors)."""
+        state, so the same state dict serves every path; the kernel reads them as float32 tensors, fresh
+        copies: a skipped step, which the kernel leaves alone by `found_inf`, has nothing to undo here)."""
         by_device: dict[torch.device, list] = {}
         for p, state in entries:
             by_device.setdefault(p.device, []).append((p, state))
         beta1, beta2 = group["betas"]
         for device, items in by_device.items():
-            steps = torch.tensor([float(state["step"]) for _, state in items], dtype=torch.float32).to(device).unbind()
+            steps = _to_device(torch.tensor([float(state["step"]) for _, state in items], dtype=torch.float32), device).unbind()
+            device_found_inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
             torch._fused_adamw_([p.detach() for p, _ in items], [p.grad for p, _ in items],
                                 [state["exp_avg"] for _, state in items], [state["exp_avg_sq"] for _, state in items],
                                 [], list(steps), amsgrad=False, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                                weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+                                weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                                found_inf=device_found_inf)
 
     @staticmethod
     def _flat(p: torch.Tensor, state: dict, alias=None) -> tuple:
@@ -325,13 +374,14 @@ class AdamWBF16(torch.optim.Optimizer):
     @staticmethod
     def _scalars(rows: list[list[float]], keys: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # all scalars of this step in two small tensors: one host-to-device copy each, not one per parameter
-        return (torch.tensor(rows, dtype=torch.float32).to(device), torch.tensor(keys, dtype=torch.int64).to(device))
+        return (_to_device(torch.tensor(rows, dtype=torch.float32), device),
+                _to_device(torch.tensor(keys, dtype=torch.int64), device))
 
-    def _step_eager(self, device: torch.device, items: list) -> None:
+    def _step_eager(self, device: torch.device, items: list, skip: torch.Tensor | None = None) -> None:
         hyper, keys = self._scalars([h for _, _, h, _ in items], [k for _, _, _, k in items], device)
         for i, (p, state, _, _) in enumerate(items):
             target, flat = self._flat(p, state)
-            adamw_update_(*flat, hyper[i], keys[i])
+            adamw_update_(*flat, hyper[i], keys[i], skip)
             if target is not p:
                 p.copy_(target)
 
@@ -343,13 +393,13 @@ class AdamWBF16(torch.optim.Optimizer):
             pool.append(tuple(torch.zeros(2, dtype=dtype, device=device) for dtype in (*dtypes, torch.float32, torch.float32)))
         return pool[:count]
 
-    def _step_compiled(self, device: torch.device, dtypes: tuple, items: list) -> None:
+    def _step_compiled(self, device: torch.device, dtypes: tuple, items: list, skip: torch.Tensor | None = None) -> None:
         if self._fused is False:  # compiling failed for another dtype pair in this step
-            self._step_eager(device, items)
+            self._step_eager(device, items, skip)
             return
         if dtypes not in self._compiled_ok:
             try:
-                self._step_chunks(device, dtypes, items[:FUSED_CHUNK])  # the first call compiles before touching any tensor
+                self._step_chunks(device, dtypes, items[:FUSED_CHUNK], skip)  # the first call compiles before touching any tensor
                 self._compiled_ok.add(dtypes)
             except Exception as exc:  # a CUDA build without a working inductor/triton: still train, slower
                 if isinstance(exc, torch.OutOfMemoryError):
@@ -357,12 +407,12 @@ class AdamWBF16(torch.optim.Optimizer):
                 log.warning("adamw_bf16: the compiled update failed (%s: %s); using the eager update (slower)",
                             exc.__class__.__name__, exc)
                 self._fused = False
-                self._step_eager(device, items)
+                self._step_eager(device, items, skip)
                 return
             items = items[FUSED_CHUNK:]
-        self._step_chunks(device, dtypes, items)
+        self._step_chunks(device, dtypes, items, skip)
 
-    def _step_chunks(self, device: torch.device, dtypes: tuple, items: list) -> None:
+    def _step_chunks(self, device: torch.device, dtypes: tuple, items: list, skip: torch.Tensor | None = None) -> None:
         if not items:
             return
         pad = -len(items) % FUSED_CHUNK
@@ -373,7 +423,7 @@ class AdamWBF16(torch.optim.Optimizer):
         update = compiled_adamw_update_many()
         for start in range(0, len(items) + pad, FUSED_CHUNK):
             end = start + FUSED_CHUNK
-            _run_compiled(update, *(c[start:end] for c in columns), hyper[start:end], keys[start:end])
+            _run_compiled(update, *(c[start:end] for c in columns), hyper[start:end], keys[start:end], skip)
         for (p, _, _, _), (target, _) in zip(items, flats):
             if target is not p:
                 p.copy_(target)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +12,7 @@ from job.errors import EXIT_BAD_INPUT, TrainerError
 
 from job.models.sanavideo.speed import trim_text_padding
 
+from .guard import guarded_step
 from .offload import background_optimizer
 from .rollout import rollout_inputs
 
@@ -77,17 +77,18 @@ def compute_loss(s, batch: dict) -> torch.Tensor:
     return loss
 
 
-def clip_gradients(s) -> float:
-    """Clip by `max_grad_norm` (norm or value; 0 = off). Returns the global norm before clipping."""
+def clip_gradients(s) -> torch.Tensor | float:
+    """Clip by `max_grad_norm` (norm or value; 0 = off). Returns the global norm before clipping, as a
+    device tensor where there is one (read on the host only after the optimizer step is queued)."""
     t, acc = s.spec.train, s.accelerator
     params = s.params + (s.crepa.parameters() if getattr(s, "crepa", None) is not None else [])
     background = background_optimizer(s.optimizer)
     if background is not None:  # group offload: the norm is known without a CPU pass, the clip is applied in the step
         return background.clip_gradients(params, t.max_grad_norm, t.grad_clip_method)
     if t.max_grad_norm > 0 and t.grad_clip_method == "norm":
-        return float(acc.clip_grad_norm_(params, t.max_grad_norm))
+        return acc.clip_grad_norm_(params, t.max_grad_norm)
     grads = [p for p in params if p.grad is not None]
-    norm = float(torch.nn.utils.clip_grad_norm_(grads, float("inf"))) if grads else 0.0  # measures, scales by 1
+    norm = torch.nn.utils.clip_grad_norm_(grads, float("inf")) if grads else 0.0  # measures, scales by 1
     if t.max_grad_norm > 0:
         acc.clip_grad_value_(params, t.max_grad_norm)
     return norm
@@ -114,9 +115,9 @@ def train_step(s, batches) -> StepOutcome:
             crepa_values.append((s.crepa.last_loss, s.crepa.last_similarity))
         samples += batch["latents"].shape[0] * s.world
         tokens += tokens_per_sample(s, batch["latents"]) * batch["latents"].shape[0] * s.world
-    loss_value = float(acc.reduce(torch.stack(losses).mean(), "mean"))
-    grad_norm = clip_gradients(s)
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+    loss = acc.reduce(torch.stack(losses).mean(), "mean")
+    loss_value, grad_norm, skipped = guarded_step(s.optimizer, loss, clip_gradients(s), s.spec.speed.guard_on_device)
+    if skipped:  # the optimizer left everything as it was
         s.optimizer.zero_grad(set_to_none=True)
         s.bad_in_row += 1
         s.bad_total += 1
@@ -130,7 +131,6 @@ def train_step(s, batches) -> StepOutcome:
                 "broken, or resume from an earlier checkpoint",
             )
         return StepOutcome(loss_value, grad_norm, samples, tokens, skipped=True)
-    s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
