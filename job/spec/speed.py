@@ -35,6 +35,16 @@ class SpeedSpec(Section):
         "exactly (LoRA- or quantisation-wrapped convs, hooks; memory.group_offload type leaf_level) keep diffusers' forward. "
         "`diffusers`: the stock forward (cuDNN convolutions).",
     )
+    cross_attention: Literal["dense_backward", "diffusers"] = Field(
+        "dense_backward",
+        description="Cross-attention (video tokens to the prompt's at most 300 tokens) in training. `dense_backward`: the "
+        "same fused forward (`scaled_dot_product_attention`), and a backward pass written as matrix products over the "
+        "small queries x keys score matrix (bf16 inputs, float32 accumulation and softmax, like the flash backward). The "
+        "fused kernels' backward splits its work over blocks of keys, of which a prompt has only a few, and left most of "
+        "an H100 idle (bench/RESULTS.md). Used when a gradient is needed and the (trimmed) prompt has at most 192 tokens; "
+        "longer prompts keep the fused backward, which is faster there. "
+        "`diffusers`: the stock processor (fused backward).",
+    )
     fused_kernels: bool = Field(
         True,
         description="Hand-written Triton kernels where they exist: with `feedforward: fused`, the feed-forward's SiLU, "

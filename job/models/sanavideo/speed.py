@@ -23,6 +23,8 @@ how the diffusers `SanaVideoTransformer3DModel` runs, never what it computes:
   compiled graph; only CUDA, where inductor's kernels pay off).
 - `keep_activations_blocks` checkpoints all but the last N blocks (selective checkpointing),
   through diffusers' `enable_gradient_checkpointing(gradient_checkpointing_func=...)`.
+- `cross_attention: dense_backward` swaps the cross-attention processor for one whose backward pass is
+  dense matrix products over the small queries x prompt-keys score matrix (`cross_attention.py`).
 - `trim_text_padding` (`trim_text_padding` below, applied by the training step to each batch)
   cuts the prompt padding after the batch's longest prompt before the transformer sees it.
 - The float8 products of `train.mixed_precision: fp8` are set up by `job.train.quantize`; the fused
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import attn_kernel, ff_kernel
+from .cross_attention import use_dense_backward_cross_attention
 
 log = logging.getLogger("trainer.speed")
 
@@ -481,6 +484,8 @@ def apply_training_speedups(transformer, spec) -> list[str]:
                      "moves each conv's weights inside that conv's forward")
         else:
             _apply_fused_feedforward(transformer, applied, speed.fused_kernels)
+    if speed.cross_attention == "dense_backward" and use_dense_backward_cross_attention(transformer):
+        applied.append("cross-attention with a dense backward")
     if spec.memory.gradient_checkpointing and speed.keep_activations_blocks > 0:
         recomputed = selective_checkpointing(transformer, speed.keep_activations_blocks)
         applied.append(f"selective checkpointing ({recomputed} of {len(transformer.transformer_blocks)} blocks recomputed)")
