@@ -101,11 +101,122 @@ def quantize_base(transformer: torch.nn.Module, spec) -> int:
     return layers
 
 
+# --------------------------------------------------------------------------- frozen weights, cast once
+
+#: Whether LoRA's frozen weights are cast to float8 once (`FrozenFloat8Weights`). Exact either way (the same cast);
+#: a switch for `bench/train_step.py`, which measures both.
+CACHE_FROZEN_FLOAT8 = True
+
+#: attribute of a module holding the float8 copies of its frozen weights: {key: (float8 bits, scale)}
+FROZEN_FLOAT8_ATTR = "_trainer_frozen_float8"
+
+
+def _cached_float8_constructor():
+    """An autograd function (allowed in compiled graphs, like torchao's own casts) that wraps cached float8 bits
+    and their scale as the `Float8TrainingTensor` torchao's matmul takes (so it skips its cast). No gradient:
+    only frozen weights are cached."""
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
+
+    @torch._dynamo.allow_in_graph
+    class _CachedFloat8Weight(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, bits, scale, orig_dtype, linear_mm_config):
+            return Float8TrainingTensor(bits, scale, orig_dtype, linear_mm_config=linear_mm_config,
+                                        gemm_input_role=GemmInputRole.WEIGHT)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, None, None, None
+
+    return _CachedFloat8Weight
+
+
+class FrozenFloat8Weights:
+    """float8 copies of the frozen weights that the float8 products multiply by (LoRA's base), cast once instead of
+    in every forward and backward pass (~15 ms of a 0.62 s LoRA step on an H100, bench/NOTES.md item 14).
+
+    The copies are exactly what torchao's dynamic tensorwise cast makes of the same weight (the same function
+    computes them), so the products are unchanged bit for bit. They live on the modules that use them
+    (`FROZEN_FLOAT8_ATTR`), outside the state dict, and are (re)built by `refresh` - a forward pre-hook of the
+    transformer, i.e. eagerly, before any compiled block runs - when missing, when the weights moved to another
+    device, or when a weight was written in place (its version counter changed)."""
+
+    def __init__(self, config, linear_mm_config):
+        self.config, self.linear_mm_config = config, linear_mm_config
+        self._entries: list[tuple[torch.nn.Module, str, torch.nn.Parameter, object]] = []
+        self._built: dict[tuple[int, str], tuple] = {}
+
+    @staticmethod
+    def supported(config) -> bool:
+        """One float8 copy serves the forward and the input-gradient product only when both casts of the weight
+        are the same dynamic tensorwise e4m3 cast (the recipe `_fp8_training_config` sets)."""
+        from torchao.float8 import ScalingGranularity, ScalingType
+
+        fwd, bwd = config.cast_config_weight, config.cast_config_weight_for_grad_input
+        return (fwd == bwd and fwd.scaling_type is ScalingType.DYNAMIC
+                and fwd.scaling_granularity is ScalingGranularity.TENSORWISE and not config.round_scales_to_power_of_2)
+
+    def add(self, owner: torch.nn.Module, key: str, weight: torch.nn.Parameter, as_matrix=None) -> None:
+        """Cache `as_matrix(weight)` (default: the weight itself) for `owner` under `key`."""
+        self._entries.append((owner, key, weight, as_matrix))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @torch.no_grad()
+    def refresh(self, *_args) -> None:
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole
+
+        cast = self.config.cast_config_weight
+        for owner, key, weight, as_matrix in self._entries:
+            stamp = (weight.device, weight._version, weight.data_ptr())
+            if self._built.get((id(owner), key)) == stamp and key in getattr(owner, FROZEN_FLOAT8_ATTR, {}):
+                continue
+            matrix = weight if as_matrix is None else as_matrix(weight)
+            fp8 = hp_tensor_to_float8_dynamic(matrix, cast.target_dtype, self.linear_mm_config,
+                                              gemm_input_role=GemmInputRole.WEIGHT)
+            if getattr(owner, FROZEN_FLOAT8_ATTR, None) is None:
+                setattr(owner, FROZEN_FLOAT8_ATTR, {})
+            getattr(owner, FROZEN_FLOAT8_ATTR)[key] = (fp8._data, fp8._scale)
+            self._built[(id(owner), key)] = stamp
+
+
+def cached_float8(owner: torch.nn.Module, key: str, orig_dtype: torch.dtype, linear_mm_config):
+    """The cached float8 copy of `owner`'s weight `key` as a `Float8TrainingTensor`, or None when there is none."""
+    cached = getattr(owner, FROZEN_FLOAT8_ATTR, None)
+    cached = None if cached is None else cached.get(key)
+    if cached is None:
+        return None
+    return _CACHED_FLOAT8.apply(cached[0], cached[1], orig_dtype, linear_mm_config)
+
+
+_CACHED_FLOAT8 = None
+
+
+def _frozen_float8_linear_class():
+    """torchao's `Float8Linear` whose weight comes from the `FrozenFloat8Weights` cache (when built)."""
+    from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
+
+    class FrozenFloat8Linear(Float8Linear):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled():
+                input = input.to(torch.get_autocast_gpu_dtype())
+            weight = cached_float8(self, "weight", self.weight.dtype, self.linear_mm_config)
+            if weight is None:
+                return super().forward(input)
+            output = matmul_with_hp_or_float8_args.apply(input, weight.t(), self.linear_mm_config, self.config)
+            return output if self.bias is None else output + self.bias.to(output.dtype)
+
+    return FrozenFloat8Linear
+
+
 class Float8Product:
     """`F.linear(x, weight, bias)` with the product in float8: torchao's float8 training matmul (the autograd
     function `Float8Linear` calls, so the same casts and scaling as the converted linear layers), for
     weights that are not `nn.Linear` modules (the feed-forward's conv weights, used as matrices by the fused
-    feed-forward). Products whose sizes are not multiples of 16 run in bf16 through `F.linear`."""
+    feed-forward). Products whose sizes are not multiples of 16 run in bf16 through `F.linear`. `owner` and
+    `key` name the weight for the frozen-weight cache (`FrozenFloat8Weights`), used when it holds a copy."""
 
     def __init__(self, config):
         from torchao.float8 import LinearMMConfig, ScaledMMConfig
@@ -118,12 +229,14 @@ class Float8Product:
               for gemm in (config.gemm_config_output, config.gemm_config_grad_input, config.gemm_config_grad_weight)]
         self.mm_config = LinearMMConfig(*mm)
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 owner: torch.nn.Module | None = None, key: str | None = None) -> torch.Tensor:
         if x.shape[-1] % 16 or weight.shape[0] % 16:
             return torch.nn.functional.linear(x, weight, bias)
         if torch.is_autocast_enabled():  # as Float8Linear: the product's inputs in the autocast dtype
             x = x.to(torch.get_autocast_gpu_dtype())
-        out = self._matmul.apply(x, weight.to(x.dtype).t(), self.mm_config, self.config)
+        cached = None if owner is None else cached_float8(owner, key, x.dtype, self.mm_config)
+        out = self._matmul.apply(x, (weight.to(x.dtype) if cached is None else cached).t(), self.mm_config, self.config)
         return out if bias is None else out + bias.to(out.dtype)
 
 
@@ -148,13 +261,49 @@ def enable_fp8_matmuls(transformer: torch.nn.Module, spec) -> int:
     layers = sum(1 for name, m in transformer.named_modules() if convert(m, name))
     if layers:
         convert_to_float8_training(transformer, config=config, module_filter_fn=convert)
-    feedforwards = set_feedforward_matmul(transformer, Float8Product(config))
+    product = Float8Product(config)
+    feedforwards = set_feedforward_matmul(transformer, product)
     if not layers:
         log.warning("fp8 matmuls: no linear layer of the transformer blocks has sizes divisible by 16; they stay bf16")
+    cached = cache_frozen_float8_weights(transformer, product) if lora else 0
     log.info("fp8 matmuls (torchao float8, dynamic scaling): %d linear layers%s and the feed-forward products of %d blocks "
-             "(inside compiled blocks)", layers, " (the frozen base; the adapters stay float32)" if lora else "", feedforwards)
+             "(inside compiled blocks)%s", layers, " (the frozen base; the adapters stay float32)" if lora else "", feedforwards,
+             f"; {cached} frozen weights cast to float8 once" if cached else "")
     if not spec.speed.compile_blocks:
         log.warning("train.mixed_precision fp8 without speed.compile_blocks: the feed-forward stays bf16 and the float8 "
                     "casts run as separate kernels, which made eager steps slower than bf16 (bench/RESULTS.md); "
                     "turn speed.compile_blocks on, or use mixed_precision: bf16")
     return layers
+
+
+#: the transformer attribute holding its `FrozenFloat8Weights` (tests and benches read it)
+FROZEN_FLOAT8_CACHE_ATTR = "_trainer_frozen_float8_cache"
+
+
+def cache_frozen_float8_weights(transformer: torch.nn.Module, product: Float8Product) -> int:
+    """LoRA with float8 products: cast the frozen weights the products use to float8 once (`FrozenFloat8Weights`):
+    the converted base linears and the fused feed-forwards' conv matrices. Returns how many weights are cached
+    (0 when the recipe does not allow one copy for both products)."""
+    global _CACHED_FLOAT8
+    if not (CACHE_FROZEN_FLOAT8 and FrozenFloat8Weights.supported(product.config)):
+        return 0
+    from torchao.float8.float8_linear import Float8Linear
+
+    from job.models.sanavideo.speed import feedforward_matrices
+
+    if _CACHED_FLOAT8 is None:
+        _CACHED_FLOAT8 = _cached_float8_constructor()
+    frozen_linear = _frozen_float8_linear_class()
+    cache = FrozenFloat8Weights(product.config, product.mm_config)
+    for module in transformer.modules():
+        if type(module) is Float8Linear and not module.weight.requires_grad:
+            module.__class__ = frozen_linear  # same state, forward reads the cache
+            cache.add(module, "weight", module.weight)
+    for ff, key, weight, as_matrix in feedforward_matrices(transformer):
+        rows, cols = as_matrix(weight.detach()).shape
+        if not weight.requires_grad and rows % 16 == 0 and cols % 16 == 0:  # Float8Product's float8 condition
+            cache.add(ff, key, weight, as_matrix)
+    if len(cache):
+        setattr(transformer, FROZEN_FLOAT8_CACHE_ATTR, cache)
+        transformer.register_forward_pre_hook(cache.refresh)
+    return len(cache)

@@ -33,6 +33,7 @@ how the diffusers `SanaVideoTransformer3DModel` runs, never what it computes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -244,6 +245,23 @@ def _depthwise3x3_conv(u: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     return out.permute(0, 2, 3, 1)
 
 
+def _temporal_taps_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """conv_temp's (C_out, C_in, 3, 1) weight as one (3 C_out, C_in) matrix: the three taps stacked."""
+    return weight[..., 0].permute(2, 0, 1).reshape(3 * weight.shape[0], -1)
+
+
+#: the fused feed-forward's GEMMs: conv name -> its weight as the (out, in) matrix the GEMM multiplies by
+FF_MATRICES = {"conv_inverted": lambda w: w.flatten(1), "conv_point": lambda w: w.flatten(1),
+               "conv_temp": _temporal_taps_matrix}
+
+
+def feedforward_matrices(transformer):
+    """(feed-forward, conv name, conv weight, weight -> matrix) for every GEMM of every block's fused feed-forward
+    (the float8 frozen-weight cache, `job.train.quantize`, keys its copies by these names)."""
+    return [(ff, name, getattr(ff, name).weight, as_matrix)
+            for ff in _feedforwards(transformer) for name, as_matrix in FF_MATRICES.items()]
+
+
 def _temporal_conv_plus_identity(p: torch.Tensor, weight: torch.Tensor, how: str, linear=F.linear) -> torch.Tensor:
     """p + conv_temp(p) over frames, on (B, F, HW, C): out[f] = p[f] + W0 p[f-1] + W1 p[f] + W2 p[f+1]
     (zero outside the clip), with W_k = weight[:, :, k, 0] (C_out, C_in). `linear` computes the product
@@ -251,7 +269,7 @@ def _temporal_conv_plus_identity(p: torch.Tensor, weight: torch.Tensor, how: str
     taps = weight[..., 0].permute(2, 0, 1)  # (3, C_out, C_in)
     if how == "one":
         c = taps.shape[1]
-        q = linear(p, taps.reshape(3 * c, -1)).unflatten(-1, (3, c))  # (B, F, HW, 3, C)
+        q = linear(p, _temporal_taps_matrix(weight)).unflatten(-1, (3, c))  # (B, F, HW, 3, C)
         prev = F.pad(q[:, :-1, :, 0], (0, 0, 0, 0, 1, 0))  # W0 p[f-1]; zero at f = 0
         nxt = F.pad(q[:, 1:, :, 2], (0, 0, 0, 0, 0, 1))  # W2 p[f+1]; zero at f = F-1
         return p + (q[:, :, :, 1] + prev + nxt)
@@ -286,11 +304,16 @@ def glumb_forward_channels_last(ff, hidden_states: torch.Tensor, depthwise: str 
     depthwise + gate run as one Triton kernel where `_dwconv_kernel_applies` (inference). The three
     GEMMs go through `ff`'s `FF_MATMUL_ATTR` callable when one is set (`train.mixed_precision: fp8`)."""
     depthwise, temporal = depthwise or FF_DEPTHWISE, temporal or FF_TEMPORAL
-    linear = getattr(ff, FF_MATMUL_ATTR, None) or F.linear
+    product = getattr(ff, FF_MATMUL_ATTR, None)
+
+    def gemm(name: str):  # the product for one conv's weight; the float8 product finds its cached copy by name
+        return F.linear if product is None else functools.partial(product, owner=ff, key=name)
+
     b, f, h, w, c = hidden_states.shape
     residual = hidden_states
     conv_in, conv_depth, conv_point = ff.conv_inverted, ff.conv_depth, ff.conv_point
-    v = linear(hidden_states, conv_in.weight.flatten(1), conv_in.bias).view(b * f, h, w, -1)  # 2 * hidden
+    v = gemm("conv_inverted")(hidden_states, FF_MATRICES["conv_inverted"](conv_in.weight), conv_in.bias)
+    v = v.view(b * f, h, w, -1)  # 2 * hidden
     if kernels and _dwconv_kernel_applies(ff, v):
         x = ff_kernel.ff_dwconv_silu_gate(v, conv_depth.weight, conv_depth.bias)
     else:
@@ -303,8 +326,8 @@ def glumb_forward_channels_last(ff, hidden_states: torch.Tensor, depthwise: str 
             raise ValueError(f"unknown depthwise variant {depthwise!r}")
         x, gate = d.chunk(2, dim=-1)
         x = x * ff.nonlinearity(gate)
-    p = linear(x, conv_point.weight.flatten(1), conv_point.bias).reshape(b, f, h * w, c)
-    out = _temporal_conv_plus_identity(p, ff.conv_temp.weight, temporal, linear).view(b, f, h, w, c)
+    p = gemm("conv_point")(x, FF_MATRICES["conv_point"](conv_point.weight), conv_point.bias).reshape(b, f, h * w, c)
+    out = _temporal_conv_plus_identity(p, ff.conv_temp.weight, temporal, gemm("conv_temp")).view(b, f, h, w, c)
     if ff.residual_connection:
         out = out + residual
     return out
@@ -394,8 +417,8 @@ FF_MATMUL_ATTR = "_trainer_ff_matmul"
 
 def set_feedforward_matmul(transformer, matmul) -> int:
     """Have every block's fused feed-forward compute its GEMMs (conv_inverted and conv_point as 1x1
-    products, the temporal taps as one product) with `matmul(x, weight, bias=None)` instead of
-    `F.linear`; for `train.mixed_precision: fp8` (`job.train.quantize`), which cannot swap these convs
+    products, the temporal taps as one product) with `matmul(x, weight, bias=None, owner=ff, key=conv name)`
+    instead of `F.linear` (owner and key name the weight, see `feedforward_matrices`); for `train.mixed_precision: fp8` (`job.train.quantize`), which cannot swap these convs
     for `nn.Linear` modules because the checkpoint keeps them as convs. Only the fused forward reads it,
     i.e. inside compiled blocks (`feedforward: fused`); diffusers' conv forward is unchanged. Returns
     how many modules were set."""
