@@ -76,6 +76,9 @@ FULL_VARIANTS = {
     "job-fp8-keep20-budget0.15": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
     "job-fp8-gw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "keep_activations_blocks": 20,
                                      "activation_memory_budget": 0.15},
+    # the same with diffusers' cross-attention processor (the fused SDPA backward) instead of the dense backward
+    "job-fp8-keep20-budget0.15-sdpa-xattn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                             "activation_memory_budget": 0.15, "cross_attention": "diffusers"},
 }
 LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward": "diffusers"},
                  "job-lora-keep8": {"keep_activations_blocks": 8},
@@ -89,7 +92,15 @@ LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward"
                  "job-lora-fp8-keep20-budget0.5-no-trim": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                            "activation_memory_budget": 0.5, "trim_text_padding": False},
                  "job-lora-fp8-keep20-budget0.5-adamw": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
-                                                         "activation_memory_budget": 0.5, "optimizer": "adamw"}}
+                                                         "activation_memory_budget": 0.5, "optimizer": "adamw"},
+                 "job-lora-fp8-keep20-budget0.5-sdpa-xattn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                              "activation_memory_budget": 0.5, "cross_attention": "diffusers"},
+                 # the frozen base cast to float8 in every pass instead of once (`quantize.CACHE_FROZEN_FLOAT8`)
+                 "job-lora-fp8-keep20-budget0.5-no-cache": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                            "activation_memory_budget": 0.5, "cache_frozen_float8": False},
+                 "job-lora-fp8-keep20-budget0.5-host-guard": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                              "activation_memory_budget": 0.5, "guard_on_device": False},
+                 "job-lora-fp8-keep20-budget0.6": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.6}}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -429,6 +440,7 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
         job = None
         speed = dict(speed)
         quantize.FP8_WEIGHT_GRADIENT = speed.pop("fp8_weight_gradient", False)
+        quantize.CACHE_FROZEN_FLOAT8 = speed.pop("cache_frozen_float8", True)
         try:
             # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
             # the block's forward is one) is reached after a few variants and later ones silently run eagerly
@@ -450,6 +462,7 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
             record(name, {"speed": variants[name], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
         job = model = None
         quantize.FP8_WEIGHT_GRADIENT = False
+        quantize.CACHE_FROZEN_FLOAT8 = True
         cleanup()
 
 
