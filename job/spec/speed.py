@@ -30,7 +30,8 @@ class SpeedSpec(Section):
         "fused",
         description="Feed-forward (GLUMBTempConv) implementation. `fused`: the same function with the module's own "
         "weights, kept in token-major (B, F, H, W, C) layout: 1x1 convs as GEMMs, the temporal conv as matmuls over channels "
-        "(no NCHW permutes). Runs inside compiled blocks (speed.compile_blocks); eagerly diffusers' forward runs (it was "
+        "(no NCHW permutes), the depthwise 3x3's input gradient as a forward convolution with the rotated kernel (cuDNN's "
+        "faster kernel, the same sums). Runs inside compiled blocks (speed.compile_blocks); eagerly diffusers' forward runs (it was "
         "faster there). Modules it cannot reproduce "
         "exactly (LoRA- or quantisation-wrapped convs, hooks; memory.group_offload type leaf_level) keep diffusers' forward. "
         "`diffusers`: the stock forward (cuDNN convolutions).",

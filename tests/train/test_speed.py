@@ -344,3 +344,27 @@ def test_feedforward_switch_in_training_and_validation(tmp_path, tiny_model, cap
     applied = speed_mod.apply_inference_speedups(model, SpeedSpec(compile_blocks=False, linear_attention="diffusers"))
     assert [a for a in applied if a.startswith("channels-last feed-forward (1 blocks")]
     assert speed_mod.feedforward_fused(model.transformer_blocks[0].ff)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_depthwise_conv_with_the_rotated_input_gradient_matches_autograd_in_float64(trainable):
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6).double().requires_grad_(trainable)
+    u = torch.randn(2, 5, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)  # (N, H, W, C)
+    grad_out = torch.randn(2, 5, 7, 6, generator=g, dtype=torch.float64)
+    results = []
+    for how in ("cudnn", "rotated"):
+        conv.zero_grad(set_to_none=True)
+        u.grad = None
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(speed_mod, "DEPTHWISE_INPUT_GRAD", how)
+            calls = []
+            real = speed_mod.DepthwiseConv3x3.apply
+            m.setattr(speed_mod.DepthwiseConv3x3, "apply", lambda *a: calls.append(1) or real(*a))
+            out = speed_mod._depthwise3x3_conv(u, conv)
+        assert len(calls) == (how == "rotated")
+        out.backward(grad_out)
+        results.append([out.detach(), u.grad] + ([conv.weight.grad, conv.bias.grad] if trainable else []))
+        assert trainable or conv.weight.grad is None
+    for plain, rotated in zip(*results):
+        assert _rel(rotated, plain) < 1e-12

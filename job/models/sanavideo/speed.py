@@ -238,10 +238,50 @@ def _depthwise3x3_shifted(u: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return out.to(u.dtype)
 
 
+class DepthwiseConv3x3(torch.autograd.Function):
+    """Depthwise 3x3 convolution (stride 1, zero padding 1) whose input gradient runs as a *forward* depthwise
+    convolution of the output gradient with the kernel rotated by 180 degrees - the same sums (a correlation's
+    transpose is the correlation with the flipped kernel), but cuDNN's NHWC depthwise forward kernel, which ran
+    at ~2 TB/s on an H100 where its data-gradient kernel ran at ~1.2 TB/s (bench/depthwise_backward.py). The
+    weight and bias gradients are cuDNN's own. Inputs: NCHW views of channels-last tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight_grad = weight.requires_grad  # a frozen weight (LoRA): the input need not be kept
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        return F.conv2d(x, weight, bias, padding=1, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        channels = grad.shape[1]
+        grad_x = F.conv2d(grad, weight.flip(2, 3), None, padding=1, groups=channels)
+        grad_w = grad_b = None
+        if ctx.weight_grad:
+            grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, (1, 1), (1, 1), (1, 1), False, (0, 0),
+                                                         channels, (False, True, False))[1]
+        if ctx.bias_grad:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
+#: how the fused feed-forward's depthwise 3x3 gets its input gradient: "rotated" (`DepthwiseConv3x3`) or
+#: "cudnn" (autograd's convolution backward); bench/depthwise_backward.py and bench/train_step.py measure both
+DEPTHWISE_INPUT_GRAD = "rotated"
+
+
 def _depthwise3x3_conv(u: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """The same through `F.conv2d` on the channels-last NCHW view of (N, H, W, C) (no copy): cuDNN's
-    NHWC depthwise kernels; back to (N, H, W, C) as a view (the output is channels-last too)."""
-    out = F.conv2d(u.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=1, groups=conv.groups)
+    NHWC depthwise kernels; back to (N, H, W, C) as a view (the output is channels-last too). With a
+    gradient, `DepthwiseConv3x3` (its input gradient as a forward convolution) unless DEPTHWISE_INPUT_GRAD says
+    "cudnn"."""
+    x = u.permute(0, 3, 1, 2)
+    grad = torch.is_grad_enabled() and (u.requires_grad or conv.weight.requires_grad)
+    if grad and DEPTHWISE_INPUT_GRAD == "rotated" and conv.groups == x.shape[1] and conv.kernel_size == (3, 3):
+        out = DepthwiseConv3x3.apply(x, conv.weight, conv.bias)
+    else:
+        out = F.conv2d(x, conv.weight, conv.bias, padding=1, groups=conv.groups)
     return out.permute(0, 2, 3, 1)
 
 
