@@ -76,6 +76,9 @@ FULL_VARIANTS = {
     "job-fp8-keep20-budget0.15": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
     "job-fp8-gw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "keep_activations_blocks": 20,
                                      "activation_memory_budget": 0.15},
+    # the depthwise conv's input gradient from cuDNN's data-gradient kernel (`speed.DEPTHWISE_INPUT_GRAD`)
+    "job-fp8-keep20-budget0.15-dw-cudnn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                           "activation_memory_budget": 0.15, "depthwise_input_grad": "cudnn"},
     # the same with diffusers' cross-attention processor (the fused SDPA backward) instead of the dense backward
     "job-fp8-keep20-budget0.15-sdpa-xattn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                              "activation_memory_budget": 0.15, "cross_attention": "diffusers"},
@@ -100,6 +103,8 @@ LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward"
                                                             "activation_memory_budget": 0.5, "cache_frozen_float8": False},
                  "job-lora-fp8-keep20-budget0.5-host-guard": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                               "activation_memory_budget": 0.5, "guard_on_device": False},
+                 "job-lora-fp8-keep20-budget0.5-dw-cudnn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                            "activation_memory_budget": 0.5, "depthwise_input_grad": "cudnn"},
                  "job-lora-fp8-keep20-budget0.6": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.6}}
 
 
@@ -434,6 +439,7 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
     del model
     cleanup()
 
+    from job.models.sanavideo import speed as speed_mod
     from job.train import quantize
 
     for i, (name, speed) in enumerate(variants.items()):
@@ -441,6 +447,7 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
         speed = dict(speed)
         quantize.FP8_WEIGHT_GRADIENT = speed.pop("fp8_weight_gradient", False)
         quantize.CACHE_FROZEN_FLOAT8 = speed.pop("cache_frozen_float8", True)
+        speed_mod.DEPTHWISE_INPUT_GRAD = speed.pop("depthwise_input_grad", "rotated")
         try:
             # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
             # the block's forward is one) is reached after a few variants and later ones silently run eagerly
@@ -463,6 +470,7 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
         job = model = None
         quantize.FP8_WEIGHT_GRADIENT = False
         quantize.CACHE_FROZEN_FLOAT8 = True
+        speed_mod.DEPTHWISE_INPUT_GRAD = "rotated"
         cleanup()
 
 
