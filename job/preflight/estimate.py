@@ -214,6 +214,9 @@ def weights_bytes(inp: EstimateInputs) -> dict[str, float]:
     out = {"weights": p.top * base + blocks}
     if inp.model_type == "lora":
         out["lora_weights"] = inp.lora_params * inp.trainable_bytes
+        if inp.mixed_precision == "fp8" and not inp.group_offload:
+            # the frozen block weights' float8 copies, cast once (`job.train.quantize.FrozenFloat8Weights`): 1 byte each
+            out["float8_weight_cache"] = p.num_layers * p.per_block * 1
     return out
 
 
