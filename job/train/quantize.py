@@ -133,7 +133,7 @@ def _cached_float8_constructor():
 
 class FrozenFloat8Weights:
     """float8 copies of the frozen weights that the float8 products multiply by (LoRA's base), cast once instead of
-    in every forward and backward pass (~15 ms of a 0.62 s LoRA step on an H100, bench/NOTES.md item 14).
+    in every forward and backward pass (7 ms of a 0.60 s LoRA step on an H100 for 1.8 GiB, bench/RESULTS.md).
 
     The copies are exactly what torchao's dynamic tensorwise cast makes of the same weight (the same function
     computes them), so the products are unchanged bit for bit. They live on the modules that use them
