@@ -89,6 +89,21 @@ def dense_backward_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
 
 
+def qkv_projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """q, k, v of a diffusers `Attention` as its processors make them: the projections, then the q/k norms
+    (keys and values from `encoder_hidden_states`, or from `hidden_states` for self-attention)."""
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 class DenseBackwardCrossAttnProcessor:
     """Drop-in for diffusers' `SanaAttnProcessor2_0` on the blocks' cross-attention (`attn2`): the same
     projections, q/k norms, mask handling and output projection, with `dense_backward_attention` in place of
@@ -98,19 +113,12 @@ class DenseBackwardCrossAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        batch_size, key_length, _ = encoder_hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, key_length, _ = context.shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = qkv_projections(attn, hidden_states, context)
         # (B, N, H, D) viewed as (B, H, N, D): no copies
         query, key, value = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))
         out = dense_backward_attention(query, key, value, attention_mask)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import attn_kernel, ff_kernel
-from .cross_attention import use_dense_backward_cross_attention
+from .cross_attention import qkv_projections, use_dense_backward_cross_attention
 
 log = logging.getLogger("trainer.speed")
 
@@ -76,15 +76,7 @@ class FusedLinearAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
         original_dtype = hidden_states.dtype
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = qkv_projections(attn, hidden_states, encoder_hidden_states)
         # B, N, H, C throughout: no permuted copies
         query = F.relu(query.unflatten(2, (attn.heads, -1)))
         key = F.relu(key.unflatten(2, (attn.heads, -1)))
