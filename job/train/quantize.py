@@ -23,6 +23,7 @@ package); optimum-quanto covers the LoRA half only and is in maintenance mode.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -49,10 +50,15 @@ def _frozen_linear(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and not module.weight.requires_grad
 
 
+def _float8_sizes(out_features: int, in_features: int) -> bool:
+    """Whether a product with this weight shape can run in float8: both sizes divisible by 16."""
+    return out_features % 16 == 0 and in_features % 16 == 0
+
+
 def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
-    # float8 matrix products need both sizes divisible by 16; the blocks hold ~all the FLOPs
+    # the blocks hold ~all the FLOPs
     return (isinstance(module, torch.nn.Linear) and ".transformer_blocks." in f".{fqn}."
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+            and _float8_sizes(module.out_features, module.in_features))
 
 
 #: Whether the weight-gradient product runs in float8 too (torchao's default tensorwise recipe, with the
@@ -194,6 +200,7 @@ def cached_float8(owner: torch.nn.Module, key: str, orig_dtype: torch.dtype, lin
 _CACHED_FLOAT8 = None
 
 
+@functools.cache
 def _frozen_float8_linear_class():
     """torchao's `Float8Linear` whose weight comes from the `FrozenFloat8Weights` cache (when built)."""
     from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
@@ -231,7 +238,7 @@ class Float8Product:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  owner: torch.nn.Module | None = None, key: str | None = None) -> torch.Tensor:
-        if x.shape[-1] % 16 or weight.shape[0] % 16:
+        if not _float8_sizes(weight.shape[0], x.shape[-1]):
             return torch.nn.functional.linear(x, weight, bias)
         if torch.is_autocast_enabled():  # as Float8Linear: the product's inputs in the autocast dtype
             x = x.to(torch.get_autocast_gpu_dtype())
@@ -300,8 +307,7 @@ def cache_frozen_float8_weights(transformer: torch.nn.Module, product: Float8Pro
             module.__class__ = frozen_linear  # same state, forward reads the cache
             cache.add(module, "weight", module.weight)
     for ff, key, weight, as_matrix in feedforward_matrices(transformer):
-        rows, cols = as_matrix(weight.detach()).shape
-        if not weight.requires_grad and rows % 16 == 0 and cols % 16 == 0:  # Float8Product's float8 condition
+        if not weight.requires_grad and _float8_sizes(*as_matrix(weight.detach()).shape):
             cache.add(ff, key, weight, as_matrix)
     if len(cache):
         setattr(transformer, FROZEN_FLOAT8_CACHE_ATTR, cache)
