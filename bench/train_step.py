@@ -82,6 +82,7 @@ FULL_VARIANTS = {
     # the same with diffusers' cross-attention processor (the fused SDPA backward) instead of the dense backward
     "job-fp8-keep20-budget0.15-sdpa-xattn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                              "activation_memory_budget": 0.15, "cross_attention": "diffusers"},
+    "job-fp8-keep20-budget0.2": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.2},
 }
 LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward": "diffusers"},
                  "job-lora-keep8": {"keep_activations_blocks": 8},
