@@ -36,6 +36,17 @@ class SpeedSpec(Section):
         "exactly (LoRA- or quantisation-wrapped convs, hooks; memory.group_offload type leaf_level) keep diffusers' forward. "
         "`diffusers`: the stock forward (cuDNN convolutions).",
     )
+    feedforward_backward: Literal["triton", "compiled"] = Field(
+        "triton",
+        description="Training with `feedforward: fused`: how the feed-forward's SiLU, depthwise 3x3 and gate are "
+        "differentiated. `triton`: where the feed-forward's biases are trained (full fine-tune), its two elementwise "
+        "backward passes over the 11,200-channel activations run as Triton kernels that read each input once and sum "
+        "the biases' gradients in the same pass (the depthwise convolutions stay cuDNN's); the same function in float32 "
+        "arithmetic, deterministic. Compiled by inductor, these passes read their inputs up to four times with too few "
+        "programs to fill the GPU: on an H100 the full fine-tune step went from 0.872 to 0.844 s (bench/RESULTS.md). "
+        "With a frozen feed-forward (LoRA) the compiled backward runs (it was faster there). CUDA only. "
+        "`compiled`: autograd through the PyTorch ops, compiled with the block.",
+    )
     cross_attention: Literal["dense_backward", "diffusers"] = Field(
         "dense_backward",
         description="Cross-attention (video tokens to the prompt's at most 300 tokens) in training. `dense_backward`: the "
@@ -52,8 +63,8 @@ class SpeedSpec(Section):
         "depthwise 3x3 and gate as one kernel (one read of the 11,200-channel activations instead of three passes); with "
         "`linear_attention: fused`, the self-attention's two sums over tokens (v^T k and its product with q, bf16 inputs) "
         "on the tensor cores with float32 accumulation instead of float32 matrix products on float32 copies. "
-        "Used only where no gradient is needed (validation renders, also during training); training itself always runs "
-        "the PyTorch/cuDNN ops, so what the model learns is unchanged. CUDA only (elsewhere the PyTorch ops run). "
+        "Used only where no gradient is needed (validation renders, also during training); the training step's own "
+        "kernels are `feedforward_backward`'s. CUDA only (elsewhere the PyTorch ops run). "
         "Off: PyTorch/cuDNN ops everywhere.",
     )
     trim_text_padding: bool = Field(

@@ -343,6 +343,18 @@ def test_feedforward_switch_in_training_and_validation(tmp_path, tiny_model, cap
     assert not speed_mod.feedforward_fused(model.transformer_blocks[0].ff)
     applied = speed_mod.apply_inference_speedups(model, SpeedSpec(compile_blocks=False, linear_attention="diffusers"))
     assert [a for a in applied if a.startswith("channels-last feed-forward (1 blocks")]
+
+
+def test_feedforward_backward_switch_reaches_the_modules(tmp_path, tiny_model):
+    """`speed.feedforward_backward` (default triton) is set on every fused feed-forward; validation never asks for it."""
+    assert SpeedSpec().feedforward_backward == "triton"
+    for choice in ("triton", "compiled"):
+        model = _model(torch.float32, layers=2)
+        prepare_transformer(model, _spec(tmp_path, tiny_model, speed={"feedforward_backward": choice}))
+        assert [getattr(b.ff, speed_mod.FF_BACKWARD_ATTR) for b in model.transformer_blocks] == [choice] * 2
+    model = _model(torch.float32, layers=1).eval()
+    speed_mod.apply_inference_speedups(model, SpeedSpec(compile_blocks=False))
+    assert getattr(model.transformer_blocks[0].ff, speed_mod.FF_BACKWARD_ATTR) == "compiled"
     assert speed_mod.feedforward_fused(model.transformer_blocks[0].ff)
 
 
