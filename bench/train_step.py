@@ -74,6 +74,13 @@ FULL_VARIANTS = {
     # float8 products (train.mixed_precision: fp8); "fp8_weight_gradient": the weight-gradient product in float8 too
     "job-fp8": {"mixed_precision": "fp8"},
     "job-fp8-keep20-budget0.15": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
+    # the feed-forward's SiLU/depthwise/gate backward compiled by inductor instead of the Triton kernels (ff_grad.py)
+    "job-fp8-keep20-budget0.15-ffbwd-compiled": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                 "activation_memory_budget": 0.15, "feedforward_backward": "compiled"},
+    # inductor's coordinate-descent tuning of the pointwise/reduction kernels' launch configurations: its first compile
+    # did not finish within 7 minutes on an H100 (bench/RESULTS.md), kept to reproduce that
+    "job-fp8-keep20-budget0.15-cdt": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.15,
+                                      "inductor": {"coordinate_descent_tuning": True}},
     "job-fp8-gw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "keep_activations_blocks": 20,
                                      "activation_memory_budget": 0.15},
     # the depthwise conv's input gradient from cuDNN's data-gradient kernel (`speed.DEPTHWISE_INPUT_GRAD`)
@@ -92,6 +99,9 @@ LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward"
                  "job-lora-keep20-budget0.15": {"keep_activations_blocks": 20, "activation_memory_budget": 0.15},
                  "job-lora-fp8": {"mixed_precision": "fp8"},
                  "job-lora-fp8-keep20-budget0.5": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.5},
+                 "job-lora-fp8-keep20-budget0.5-ffbwd-compiled": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                                  "activation_memory_budget": 0.5,
+                                                                  "feedforward_backward": "compiled"},
                  "job-lora-fp8-keep20-budget0.3": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.3},
                  "job-lora-fp8-keep20-budget0.5-no-trim": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                            "activation_memory_budget": 0.5, "trim_text_padding": False},
@@ -355,7 +365,7 @@ def profile_table(fn, path: Path | None, rows: int = 30) -> list[str]:
         fn()
         sync()
     key = "self_cuda_time_total" if cuda() else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=max(rows, 80), max_name_column_width=90)
+    table = prof.key_averages().table(sort_by=key, row_limit=max(rows, 80), max_name_column_width=120)
     if path is not None:
         if cuda():
             trace = path.with_suffix(".trace.json")
@@ -363,7 +373,7 @@ def profile_table(fn, path: Path | None, rows: int = 30) -> list[str]:
             table += "\n\n" + gpu_idle_report(trace)
             trace.unlink()
         path.write_text(table)
-    return table.splitlines()[:rows // 2 + 4]
+    return table.splitlines()[:min(rows, 80) // 2 + 4]
 
 
 def gpu_idle_report(trace_path: Path, top: int = 15, min_gap_ms: float = 0.2) -> str:
@@ -428,6 +438,8 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
                                              for k, v in res.items() if k not in ("times_s", "profile_top", "numerics")), flush=True)
 
     try:
+        if args.no_plain:
+            raise RuntimeError("skipped (--no-plain)")
         plain = PlainPath(model, kind, sh, objective)
         res = {"numerics": plain.numerics(inp)}
         res.update(timed(plain.step, args.warmup, args.iters))
@@ -449,7 +461,10 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
         quantize.FP8_WEIGHT_GRADIENT = speed.pop("fp8_weight_gradient", False)
         quantize.CACHE_FROZEN_FLOAT8 = speed.pop("cache_frozen_float8", True)
         speed_mod.DEPTHWISE_INPUT_GRAD = speed.pop("depthwise_input_grad", "rotated")
+        # inductor settings of this variant only (compile happens in the warm-up steps, inside the patch)
+        inductor_patch = torch._inductor.config.patch(speed.pop("inductor", {}))
         try:
+            inductor_patch.__enter__()
             # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
             # the block's forward is one) is reached after a few variants and later ones silently run eagerly
             torch._dynamo.reset()
@@ -464,10 +479,12 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
                 res["error"] = f"{type(exc).__name__}: {exc}"
             if args.profile and name in args.profile_variants.split(","):
                 file = "profile_job.txt" if name == "job-default" else f"profile_{name}.txt"
-                res["profile_top"] = profile_table(job.step, args.out.parent / file)
+                res["profile_top"] = profile_table(job.step, args.out.parent / file, args.profile_rows)
             record(name, res)
         except Exception as exc:  # noqa: BLE001
             record(name, {"speed": variants[name], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
+        finally:
+            inductor_patch.__exit__(None, None, None)
         job = model = None
         quantize.FP8_WEIGHT_GRADIENT = False
         quantize.CACHE_FROZEN_FLOAT8 = True
@@ -584,6 +601,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one plain step (full) and of the "
                    "--profile-variants steps")
     p.add_argument("--profile-variants", default="job-default,job-ff-diffusers", help="comma list of variants to profile")
+    p.add_argument("--profile-rows", type=int, default=30, help="rows of the profile table written next to the JSON (>= 80)")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain reference (exploratory runs: no ratio, no numerics check)")
     p.add_argument("--optimizer", default=None, help="train.optimizer of the job variants (default: the spec's default)")
     args = p.parse_args(argv)
     if args.tiny:
