@@ -105,6 +105,27 @@ def test_silu_depthwise_gate_matches_autograd(triton_interpreter, in_bias, train
         assert got.dtype == torch.float32 and _rel(got, want) < 1e-5
 
 
+def test_silu_depthwise_gate_under_autocast_with_float32_parameters(triton_interpreter):
+    """fp32 master weights under bf16 autocast: v in bf16, the biases and the depthwise weight in float32. The
+    backward runs its convolutions in d's dtype (as autocast ran the forward's) and returns each gradient in its
+    input's dtype, within bf16 tolerance of autograd through the same ops."""
+    n, h, w, c2 = 2, 5, 7, 2 * 12
+    v = _randn(n, h, w, c2, dtype=torch.bfloat16, seed=18, scale=2).requires_grad_(True)
+    params = [_randn(c2, seed=19).requires_grad_(True), _randn(c2, 1, 3, 3, seed=20, scale=0.4).requires_grad_(True),
+              _randn(c2, seed=21).requires_grad_(True)]
+    grad_out = _randn(n, h, w, c2 // 2, dtype=torch.bfloat16, seed=22)
+    results = []
+    for forward in (ff_grad.SiluDepthwiseGate.apply, _plain_silu_depthwise_gate):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(v, *params)
+        results.append((out, torch.autograd.grad(out, [v, *params], grad_out)))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype == torch.bfloat16 and _rel(out, ref) < 1e-2
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    for got, want in zip(grads, ref_grads):
+        assert _rel(got, want) < 2e-2
+
+
 def _glumb(channels: int = 12):
     from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
 

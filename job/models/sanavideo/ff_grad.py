@@ -134,14 +134,16 @@ class SiluDepthwiseGate(torch.autograd.Function):
         gd, bias_sum = _gate_backward_op(d, gx, need_bias)
         gd_nchw = gd.permute(0, 3, 1, 2)
         channels = gd.shape[-1]
+        # the convolutions in d's dtype, as the forward ran them (under bf16 autocast float32 weights and u were cast)
+        weight_d = weight.to(gd.dtype)
         # a correlation's input gradient is the correlation with the rotated kernel: cuDNN's faster forward kernel
-        gu = F.conv2d(gd_nchw, weight.flip(2, 3), None, padding=1, groups=channels).permute(0, 2, 3, 1)
+        gu = F.conv2d(gd_nchw, weight_d.flip(2, 3), None, padding=1, groups=channels).permute(0, 2, 3, 1)
         grad_weight = None
         if need_weight:
-            u = F.silu(v if in_bias is None else v + in_bias)
+            u = F.silu(v if in_bias is None else v + in_bias).to(gd.dtype)
             grad_weight = torch.ops.aten.convolution_backward(
-                gd_nchw, u.permute(0, 3, 1, 2), weight, None, (1, 1), (1, 1), (1, 1), False, (0, 0), channels,
-                (False, True, False))[1]
+                gd_nchw, u.permute(0, 3, 1, 2), weight_d, None, (1, 1), (1, 1), (1, 1), False, (0, 0), channels,
+                (False, True, False))[1].to(weight.dtype)
         gv, in_bias_sum = _silu_backward_op(gu, v, in_bias, need_in_bias)
         return (gv, in_bias_sum.to(in_bias.dtype) if need_in_bias else None, grad_weight,
                 bias_sum.to(ctx.bias_dtype) if need_bias else None)
