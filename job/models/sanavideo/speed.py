@@ -515,7 +515,8 @@ def _apply_fused_feedforward(transformer, applied: list[str], kernels: bool, bac
     patched, skipped = use_fused_feedforward(transformer, kernels, backward)
     if patched:
         notes = ([", with the Triton SiLU/depthwise/gate kernel where no gradient is needed (CUDA)"] if kernels else []) + \
-            ([", its SiLU/depthwise/gate backward as Triton kernels (CUDA)"] if backward == "triton" else [])
+            ([", its SiLU/depthwise/gate backward as Triton kernels where its biases train (CUDA)"]
+             if backward == "triton" else [])
         applied.append(f"channels-last feed-forward ({patched} blocks, runs inside compiled blocks{''.join(notes)})")
     if skipped:
         log.info("speed.feedforward: diffusers' forward kept for %d module(s): %s%s", len(skipped), "; ".join(skipped[:3]),
