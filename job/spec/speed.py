@@ -36,16 +36,18 @@ class SpeedSpec(Section):
         "exactly (LoRA- or quantisation-wrapped convs, hooks; memory.group_offload type leaf_level) keep diffusers' forward. "
         "`diffusers`: the stock forward (cuDNN convolutions).",
     )
-    feedforward_backward: Literal["triton", "compiled"] = Field(
-        "triton",
+    feedforward_backward: Literal["auto", "triton", "compiled"] = Field(
+        "auto",
         description="Training with `feedforward: fused`: how the feed-forward's SiLU, depthwise 3x3 and gate are "
         "differentiated. `triton`: where the feed-forward's biases are trained (full fine-tune), its two elementwise "
         "backward passes over the 11,200-channel activations run as Triton kernels that read each input once and sum "
         "the biases' gradients in the same pass (the depthwise convolutions stay cuDNN's); the same function in float32 "
-        "arithmetic, deterministic. Compiled by inductor, these passes read their inputs up to four times with too few "
-        "programs to fill the GPU: on an H100 the full fine-tune step went from 0.872 to 0.844 s (bench/RESULTS.md). "
-        "With a frozen feed-forward (LoRA) the compiled backward runs (it was faster there). CUDA only. "
-        "`compiled`: autograd through the PyTorch ops, compiled with the block.",
+        "arithmetic, deterministic. `compiled`: autograd through the PyTorch ops, compiled with the block. `auto`: "
+        "`triton` when the feed-forward's products are float8 (`train.mixed_precision: fp8`), else `compiled`. "
+        "Measured on an H100 (full fine-tune, bench/RESULTS.md): with float8 products the kernels took the step from "
+        "0.885 to 0.851 s (inductor's version read its inputs up to four times, the float8 cast included); with bf16 "
+        "products they were slower (1.107 vs 1.090 s), as with a frozen feed-forward (LoRA: 0.606 vs 0.596 s), where "
+        "the compiled backward always runs. CUDA only.",
     )
     cross_attention: Literal["dense_backward", "diffusers"] = Field(
         "dense_backward",

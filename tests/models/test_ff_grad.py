@@ -153,6 +153,7 @@ def _count_calls(monkeypatch):
 
 
 def test_fused_feedforward_takes_the_triton_backward_where_its_biases_train(triton_interpreter, monkeypatch):
+    """triton: wherever a feed-forward bias trains; auto: only with the products in float8; compiled: never."""
     ff = _glumb()
     x, grad_out = _randn(2, 3, 3, 5, 12, seed=16), _randn(2, 3, 3, 5, 12, seed=17)
     ff64 = copy.deepcopy(ff).double()
@@ -168,6 +169,14 @@ def test_fused_feedforward_takes_the_triton_backward_where_its_biases_train(trit
 
     calls.clear()
     _ff_grads(lambda t: speed_mod.glumb_forward_channels_last(ff, t, backward="compiled"), ff, x, grad_out)
+    _ff_grads(lambda t: speed_mod.glumb_forward_channels_last(ff, t, backward="auto"), ff, x, grad_out)  # bf16 products
+    assert calls == []
+    # auto with the products in float8 (`set_feedforward_matmul`; F.linear stands in for the float8 product here)
+    monkeypatch.setattr(ff, speed_mod.FF_MATMUL_ATTR, lambda x, w, bias=None, owner=None, key=None: F.linear(x, w, bias),
+                        raising=False)
+    got = _ff_grads(lambda t: speed_mod.glumb_forward_channels_last(ff, t, backward="auto"), ff, x, grad_out)
+    assert len(calls) == 1 and all(_rel(g, w) < 1e-5 for g, w in zip(got, want))
+    calls.clear()
     ff.requires_grad_(False)  # a frozen feed-forward (LoRA): the compiled backward was faster there
     _ff_grads(lambda t: speed_mod.glumb_forward_channels_last(ff, t, backward="triton"), ff, x, grad_out)
     assert calls == []

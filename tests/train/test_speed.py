@@ -346,9 +346,9 @@ def test_feedforward_switch_in_training_and_validation(tmp_path, tiny_model, cap
 
 
 def test_feedforward_backward_switch_reaches_the_modules(tmp_path, tiny_model):
-    """`speed.feedforward_backward` (default triton) is set on every fused feed-forward; validation never asks for it."""
-    assert SpeedSpec().feedforward_backward == "triton"
-    for choice in ("triton", "compiled"):
+    """`speed.feedforward_backward` (default auto) is set on every fused feed-forward; validation never asks for it."""
+    assert SpeedSpec().feedforward_backward == "auto"
+    for choice in ("auto", "triton", "compiled"):
         model = _model(torch.float32, layers=2)
         prepare_transformer(model, _spec(tmp_path, tiny_model, speed={"feedforward_backward": choice}))
         assert [getattr(b.ff, speed_mod.FF_BACKWARD_ATTR) for b in model.transformer_blocks] == [choice] * 2

@@ -15,7 +15,8 @@ and a contiguous run of rows, and writes its float32 column sums as one row of a
 summed afterwards in a fixed order (deterministic). Float32 arithmetic, one rounding to the output dtype.
 
 `SiluDepthwiseGate` is the autograd function the fused feed-forward calls in training
-(`speed.feedforward_backward: triton`, where a feed-forward bias is trained): its forward is the same PyTorch ops as before (inductor fuses them), its backward the two kernels around
+(`speed.feedforward_backward`, where a feed-forward bias is trained; by default only with float8 products, where
+it measured faster): its forward is the same PyTorch ops as before (inductor fuses them), its backward the two kernels around
 cuDNN's depthwise convolutions (input gradient as a forward conv with the rotated kernel, as
 `speed.DepthwiseConv3x3`). The kernels are `torch.library` custom ops, so compiled blocks call them
 without a graph break. Triton is imported when a kernel is first launched (`speed._grad_kernels_apply` asks

@@ -329,10 +329,15 @@ def _dwconv_kernel_applies(ff, v: torch.Tensor) -> bool:
 
 def _grad_kernels_apply(ff, hidden_states: torch.Tensor, backward: str) -> bool:
     """Whether the fused feed-forward differentiates SiLU + depthwise + gate through `ff_grad.SiluDepthwiseGate`
-    (`speed.feedforward_backward: triton`): a bias of conv_inverted or conv_depth is trained (the kernels' gain is
-    the sums over tokens inductor computed slowly; with a frozen feed-forward, as in LoRA, the compiled backward was
-    faster: H100 LoRA step 0.596 vs 0.606 s), diffusers' SiLU, a depthwise 3x3, and Triton runs on the device."""
-    if backward != "triton" or not torch.is_grad_enabled():
+    (`speed.feedforward_backward`): "triton", or "auto" with the feed-forward's products in float8
+    (`train.mixed_precision: fp8`, `FF_MATMUL_ATTR` set); a bias of conv_inverted or conv_depth is trained;
+    diffusers' SiLU, a depthwise 3x3, and Triton runs on the device. H100 full fine-tune steps (bench/RESULTS.md):
+    float8 products 0.885 -> 0.851 s; bf16 products 1.090 -> 1.107 s (slower, hence "auto"); LoRA (frozen
+    feed-forward) 0.596 -> 0.606 s (slower: the kernels' gain is the sums over tokens and the float8 cast's extra
+    reads, which a frozen feed-forward does not have)."""
+    if backward == "compiled" or not torch.is_grad_enabled():
+        return False
+    if backward == "auto" and getattr(ff, FF_MATMUL_ATTR, None) is None:
         return False
     if not any(conv.bias is not None and conv.bias.requires_grad for conv in (ff.conv_inverted, ff.conv_depth)):
         return False
@@ -349,8 +354,8 @@ def glumb_forward_channels_last(ff, hidden_states: torch.Tensor, depthwise: str 
     that layout, with `ff`'s own parameters: the 1x1 convs as `F.linear` (plain GEMMs on the (..., C)
     tensor instead of cuDNN implicit GEMMs and their NCHW views), the depthwise 3x3 on NHWC, and the
     temporal conv as matmuls over the channel axis (no (B, C, F, HW) permutes). With `kernels`, SiLU +
-    depthwise + gate run as one Triton kernel where `_dwconv_kernel_applies` (inference); with `backward`
-    "triton", they are differentiated by `ff_grad.SiluDepthwiseGate` where `_grad_kernels_apply`. The three
+    depthwise + gate run as one Triton kernel where `_dwconv_kernel_applies` (inference); `backward`
+    (`speed.feedforward_backward`): they are differentiated by `ff_grad.SiluDepthwiseGate` where `_grad_kernels_apply`. The three
     GEMMs go through `ff`'s `FF_MATMUL_ATTR` callable when one is set (`train.mixed_precision: fp8`)."""
     depthwise, temporal = depthwise or FF_DEPTHWISE, temporal or FF_TEMPORAL
     product = getattr(ff, FF_MATMUL_ATTR, None)
@@ -469,7 +474,7 @@ FUSED_KERNELS_ATTR = "_trainer_fused_kernels"
 #: Instance attribute of a `GLUMBTempConv`: a callable with `F.linear`'s signature that computes the fused
 #: forward's three GEMMs (set by `set_feedforward_matmul`; absent: `F.linear`).
 FF_MATMUL_ATTR = "_trainer_ff_matmul"
-#: Instance attribute of a patched `GLUMBTempConv`: `speed.feedforward_backward` ("triton" or "compiled").
+#: Instance attribute of a patched `GLUMBTempConv`: `speed.feedforward_backward` ("auto", "triton" or "compiled").
 FF_BACKWARD_ATTR = "_trainer_ff_backward"
 
 
@@ -492,8 +497,8 @@ def use_fused_feedforward(transformer, kernels: bool = False, backward: str = "c
     Per instance: the module, its parameters and its state dict stay diffusers' own (checkpoints,
     LoRA saving and export are unchanged); `del block.ff.forward` undoes it. `kernels`: the fused
     forward may run SiLU + depthwise + gate as one Triton kernel when no gradient is needed; `backward`
-    (`speed.feedforward_backward`): "triton" differentiates them with `ff_grad.SiluDepthwiseGate` (both also
-    updated on modules patched before). Returns how many were patched and, for the others, why not."""
+    (`speed.feedforward_backward`, see `_grad_kernels_apply`): how they are differentiated (both also updated on
+    modules patched before). Returns how many were patched and, for the others, why not."""
     patched, skipped = 0, []
     for i, ff in enumerate(_feedforwards(transformer)):
         if feedforward_fused(ff):
@@ -515,8 +520,8 @@ def _apply_fused_feedforward(transformer, applied: list[str], kernels: bool, bac
     patched, skipped = use_fused_feedforward(transformer, kernels, backward)
     if patched:
         notes = ([", with the Triton SiLU/depthwise/gate kernel where no gradient is needed (CUDA)"] if kernels else []) + \
-            ([", its SiLU/depthwise/gate backward as Triton kernels where its biases train (CUDA)"]
-             if backward == "triton" else [])
+            ([f", its SiLU/depthwise/gate backward as Triton kernels where its biases train"
+              f"{' and its products are float8' if backward == 'auto' else ''} (CUDA)"] if backward != "compiled" else [])
         applied.append(f"channels-last feed-forward ({patched} blocks, runs inside compiled blocks{''.join(notes)})")
     if skipped:
         log.info("speed.feedforward: diffusers' forward kept for %d module(s): %s%s", len(skipped), "; ".join(skipped[:3]),
