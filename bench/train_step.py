@@ -53,6 +53,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: where a variant sets them (otherwise: the spec's default optimizer, `--optimizer` to override). The first is the default spec.
 FULL_VARIANTS = {
     "job-default": {"mixed_precision": "bf16"},  # the spec's defaults: bf16 autocast over bf16 weights, speed: defaults
+    "job-default-ffbwd-triton": {"mixed_precision": "bf16", "feedforward_backward": "triton"},  # defaults + Triton FF backward
     "job-ff-diffusers": {"mixed_precision": "bf16", "feedforward": "diffusers"},  # the defaults but diffusers' feed-forward
     "job-default-adamw": {"mixed_precision": "bf16", "optimizer": "adamw"},  # the defaults with torch fused AdamW (as plain)
     "job-ff-diffusers-adamw": {"mixed_precision": "bf16", "feedforward": "diffusers", "optimizer": "adamw"},
@@ -99,9 +100,6 @@ LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward"
                  "job-lora-keep20-budget0.15": {"keep_activations_blocks": 20, "activation_memory_budget": 0.15},
                  "job-lora-fp8": {"mixed_precision": "fp8"},
                  "job-lora-fp8-keep20-budget0.5": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.5},
-                 "job-lora-fp8-keep20-budget0.5-ffbwd-compiled": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
-                                                                  "activation_memory_budget": 0.5,
-                                                                  "feedforward_backward": "compiled"},
                  "job-lora-fp8-keep20-budget0.3": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.3},
                  "job-lora-fp8-keep20-budget0.5-no-trim": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                            "activation_memory_budget": 0.5, "trim_text_padding": False},
