@@ -358,6 +358,27 @@ def test_feedforward_backward_switch_reaches_the_modules(tmp_path, tiny_model):
     assert getattr(model.transformer_blocks[0].ff, speed_mod.FF_BACKWARD_ATTR) == "compiled"
 
 
+def test_depthwise_conv_with_the_rotated_input_gradient_under_autocast_with_float32_weights():
+    """fp32 master weights under bf16 autocast: the forward conv runs in bf16 (autocast casts the weight), so the
+    rotated-kernel backward must too; gradients in their inputs' dtypes, within bf16 tolerance of autograd."""
+    g = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    u = torch.randn(2, 5, 7, 6, generator=g).to(torch.bfloat16).requires_grad_(True)
+    grad_out = torch.randn(2, 5, 7, 6, generator=g).to(torch.bfloat16)
+    results = []
+    for how in ("cudnn", "rotated"):
+        conv.zero_grad(set_to_none=True)
+        u.grad = None
+        with pytest.MonkeyPatch.context() as m, torch.autocast("cpu", dtype=torch.bfloat16):
+            m.setattr(speed_mod, "DEPTHWISE_INPUT_GRAD", how)
+            out = speed_mod._depthwise3x3_conv(u, conv)
+        out.backward(grad_out)
+        results.append([out.detach(), u.grad, conv.weight.grad, conv.bias.grad])
+    assert [t.dtype for t in results[1]] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    for plain, rotated in zip(*results):
+        assert _rel(rotated.double(), plain.double()) < 2e-2
+
+
 @pytest.mark.parametrize("trainable", [True, False])
 def test_depthwise_conv_with_the_rotated_input_gradient_matches_autograd_in_float64(trainable):
     g = torch.Generator().manual_seed(3)

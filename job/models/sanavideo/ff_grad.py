@@ -17,8 +17,7 @@ summed afterwards in a fixed order (deterministic). Float32 arithmetic, one roun
 `SiluDepthwiseGate` is the autograd function the fused feed-forward calls in training
 (`speed.feedforward_backward`, where a feed-forward bias is trained; by default only with float8 products, where
 it measured faster): its forward is the same PyTorch ops as before (inductor fuses them), its backward the two kernels around
-cuDNN's depthwise convolutions (input gradient as a forward conv with the rotated kernel, as
-`speed.DepthwiseConv3x3`). The kernels are `torch.library` custom ops, so compiled blocks call them
+cuDNN's depthwise convolutions (`depthwise3x3_backward`, shared with `speed.DepthwiseConv3x3`). The kernels are `torch.library` custom ops, so compiled blocks call them
 without a graph break. Triton is imported when a kernel is first launched (`speed._grad_kernels_apply` asks
 `triton_support` where it can run); `gate_backward_reference` / `silu_backward_reference` are the same in PyTorch ops.
 """
@@ -114,6 +113,26 @@ def _depthwise(x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.permute(0, 2, 3, 1)
 
 
+def depthwise3x3_backward(grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor,
+                          need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Input and weight gradients of a depthwise 3x3 convolution (stride 1, zero padding 1) from its output's
+    gradient; grad and x are NCHW views (x only needed for the weight gradient). The input gradient runs as a
+    *forward* depthwise convolution with the kernel rotated by 180 degrees (a correlation's transpose is the
+    correlation with the flipped kernel; cuDNN's NHWC forward kernel ran at ~2 TB/s on an H100 where its
+    data-gradient kernel ran at ~1.2 TB/s, bench/depthwise_backward.py); the weight gradient is cuDNN's own.
+    Both convolutions run in grad's dtype, as the forward did (under bf16 autocast float32 weights are cast);
+    the weight gradient comes back in the weight's dtype."""
+    channels = grad.shape[1]
+    weight_g = weight.to(grad.dtype)
+    grad_x = F.conv2d(grad, weight_g.flip(2, 3), None, padding=1, groups=channels)
+    grad_weight = None
+    if need_weight:
+        grad_weight = torch.ops.aten.convolution_backward(
+            grad, x.to(grad.dtype), weight_g, None, (1, 1), (1, 1), (1, 1), False, (0, 0), channels,
+            (False, True, False))[1].to(weight.dtype)
+    return grad_x, grad_weight
+
+
 class SiluDepthwiseGate(torch.autograd.Function):
     """x = a * silu(g), (a, g) = (depthwise3x3(silu(v + in_bias), weight) + bias).chunk(2, -1), on (N, H, W, 2C)
     with a contiguous channel axis; gradients for v, in_bias, weight and bias. v is conv_inverted's product
@@ -133,18 +152,9 @@ class SiluDepthwiseGate(torch.autograd.Function):
         v, in_bias, weight, d = ctx.saved_tensors
         _, need_in_bias, need_weight, need_bias = ctx.needs_input_grad[:4]
         gd, bias_sum = _gate_backward_op(d, gx, need_bias)
-        gd_nchw = gd.permute(0, 3, 1, 2)
-        channels = gd.shape[-1]
-        # the convolutions in d's dtype, as the forward ran them (under bf16 autocast float32 weights and u were cast)
-        weight_d = weight.to(gd.dtype)
-        # a correlation's input gradient is the correlation with the rotated kernel: cuDNN's faster forward kernel
-        gu = F.conv2d(gd_nchw, weight_d.flip(2, 3), None, padding=1, groups=channels).permute(0, 2, 3, 1)
-        grad_weight = None
-        if need_weight:
-            u = F.silu(v if in_bias is None else v + in_bias).to(gd.dtype)
-            grad_weight = torch.ops.aten.convolution_backward(
-                gd_nchw, u.permute(0, 3, 1, 2), weight_d, None, (1, 1), (1, 1), (1, 1), False, (0, 0), channels,
-                (False, True, False))[1].to(weight.dtype)
+        u = F.silu(v if in_bias is None else v + in_bias).permute(0, 3, 1, 2) if need_weight else None
+        gu, grad_weight = depthwise3x3_backward(gd.permute(0, 3, 1, 2), u, weight, need_weight)
+        gu = gu.permute(0, 2, 3, 1)
         gv, in_bias_sum = _silu_backward_op(gu, v, in_bias, need_in_bias)
         return (gv, in_bias_sum.to(in_bias.dtype) if need_in_bias else None, grad_weight,
                 bias_sum.to(ctx.bias_dtype) if need_bias else None)

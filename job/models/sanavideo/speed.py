@@ -232,10 +232,8 @@ def _depthwise3x3_shifted(u: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 class DepthwiseConv3x3(torch.autograd.Function):
     """Depthwise 3x3 convolution (stride 1, zero padding 1) whose input gradient runs as a *forward* depthwise
-    convolution of the output gradient with the kernel rotated by 180 degrees - the same sums (a correlation's
-    transpose is the correlation with the flipped kernel), but cuDNN's NHWC depthwise forward kernel, which ran
-    at ~2 TB/s on an H100 where its data-gradient kernel ran at ~1.2 TB/s (bench/depthwise_backward.py). The
-    weight and bias gradients are cuDNN's own. Inputs: NCHW views of channels-last tensors."""
+    convolution of the output gradient with the kernel rotated by 180 degrees (`ff_grad.depthwise3x3_backward`:
+    the same sums, cuDNN's faster kernel). Inputs: NCHW views of channels-last tensors."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -247,14 +245,8 @@ class DepthwiseConv3x3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        channels = grad.shape[1]
-        grad_x = F.conv2d(grad, weight.flip(2, 3), None, padding=1, groups=channels)
-        grad_w = grad_b = None
-        if ctx.weight_grad:
-            grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, (1, 1), (1, 1), (1, 1), False, (0, 0),
-                                                         channels, (False, True, False))[1]
-        if ctx.bias_grad:
-            grad_b = grad.sum((0, 2, 3))
+        grad_x, grad_w = ff_grad.depthwise3x3_backward(grad, x, weight, ctx.weight_grad)
+        grad_b = grad.sum((0, 2, 3)) if ctx.bias_grad else None
         return grad_x, grad_w, grad_b
 
 
