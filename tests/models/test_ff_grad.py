@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from job.models.sanavideo import ff_grad
 from job.models.sanavideo import speed as speed_mod
+from job.models.sanavideo.tiny import build_tiny_feedforward
 
 SMALL = (8, 16, 2, 3)  # BLOCK_M, BLOCK_C, warps, row programs: several blocks both ways at test sizes
 
@@ -126,17 +127,6 @@ def test_silu_depthwise_gate_under_autocast_with_float32_parameters(triton_inter
         assert _rel(got, want) < 2e-2
 
 
-def _glumb(channels: int = 12):
-    from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
-
-    torch.manual_seed(1)
-    ff = GLUMBTempConv(channels, channels, 2.5, norm_type=None, residual_connection=True)
-    with torch.no_grad():
-        for p in ff.parameters():
-            p.normal_(0, 0.3)
-    return ff
-
-
 def _ff_grads(forward, ff, x, grad_out):
     x = x.clone().requires_grad_(True)
     ff.zero_grad(set_to_none=True)
@@ -154,7 +144,7 @@ def _count_calls(monkeypatch):
 
 def test_fused_feedforward_takes_the_triton_backward_where_its_biases_train(triton_interpreter, monkeypatch):
     """triton: wherever a feed-forward bias trains; auto: only with the products in float8; compiled: never."""
-    ff = _glumb()
+    ff = build_tiny_feedforward(residual=True, dtype=torch.float32)
     x, grad_out = _randn(2, 3, 3, 5, 12, seed=16), _randn(2, 3, 3, 5, 12, seed=17)
     ff64 = copy.deepcopy(ff).double()
     want = _ff_grads(ff64, ff64, x.double(), grad_out.double())  # diffusers' forward, float64
@@ -187,7 +177,7 @@ def test_fused_feedforward_takes_the_triton_backward_where_its_biases_train(trit
 
 def test_without_triton_the_fused_feedforward_keeps_the_compiled_backward(monkeypatch):
     monkeypatch.delenv("TRAINER_TRITON_ON_CPU", raising=False)  # CPU tensors outside the interpreter fixture
-    ff = _glumb()
+    ff = build_tiny_feedforward(residual=True, dtype=torch.float32)
     calls = _count_calls(monkeypatch)
     x = _randn(1, 2, 3, 4, 12)
     _ff_grads(lambda t: speed_mod.glumb_forward_channels_last(ff, t, backward="triton"), ff, x, torch.ones_like(x))

@@ -16,7 +16,7 @@ from diffusers import SanaVideoTransformer3DModel
 from diffusers.models.transformers.transformer_sana_video import SanaLinearAttnProcessor3_0
 
 from job.models.sanavideo import speed as speed_mod
-from job.models.sanavideo.tiny import TINY_TRANSFORMER_CONFIG
+from job.models.sanavideo.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_feedforward
 from job.spec.speed import SpeedSpec
 from job.train.model import prepare_transformer
 from train_helpers import make_spec, spec_dict
@@ -189,15 +189,7 @@ def test_speed_spec_rejects_a_negative_block_count():
 
 # --------------------------------------------------------------------------- channels-last feed-forward
 
-def _glumb(residual: bool = False, norm_type=None, channels: int = 12):
-    from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
-
-    torch.manual_seed(1)
-    ff = GLUMBTempConv(channels, channels, 2.5, norm_type=norm_type, residual_connection=residual).double()
-    with torch.no_grad():  # a non-trivial temporal conv and depthwise bias (diffusers' init is random too)
-        for p in ff.parameters():
-            p.normal_(0, 0.3)
-    return ff
+_glumb = build_tiny_feedforward  # float64, random parameters
 
 
 def _ff_grads(forward, ff, x, grad_out):

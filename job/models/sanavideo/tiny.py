@@ -181,6 +181,22 @@ def build_tiny_components(seed: int = 0) -> dict:
     )
 
 
+def build_tiny_feedforward(residual: bool = False, norm_type=None, channels: int = 12, dtype=None):
+    """A SANA-Video feed-forward (diffusers' `GLUMBTempConv`, expansion 2.5) with every parameter drawn from
+    N(0, 0.3) after `torch.manual_seed(1)`: a non-trivial temporal conv and depthwise bias (diffusers' own init is
+    random too). For the tests of the fused feed-forward; float64 unless `dtype` says otherwise."""
+    import torch
+    from diffusers.models.transformers.transformer_sana_video import GLUMBTempConv
+
+    torch.manual_seed(1)
+    ff = GLUMBTempConv(channels, channels, 2.5, norm_type=norm_type, residual_connection=residual)
+    ff = ff.to(torch.float64 if dtype is None else dtype)
+    with torch.no_grad():
+        for p in ff.parameters():
+            p.normal_(0, 0.3)
+    return ff
+
+
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
     """Write a complete tiny SANA-Video diffusers folder at `path` and return `path`.
 
