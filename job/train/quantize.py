@@ -64,19 +64,37 @@ def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
 #: Whether the weight-gradient product runs in float8 too (torchao's default tensorwise recipe, with the
 #: token dimension padded to a multiple of 16). Off: see `_fp8_training_config`; `bench/train_step.py` measures both.
 FP8_WEIGHT_GRADIENT = False
+#: Measured alternatives (`bench/fp8_gemm.py`, `bench/train_step.py`, bench/RESULTS.md), switches for the benches:
+#: the output gradient cast to e4m3 instead of e5m2, and a torchao recipe name instead of the configuration below.
+FP8_GRADIENT_E4M3 = False
+FP8_RECIPE = "tensorwise"
 
 
-def _fp8_training_config():
+def _fp8_training_config(fast_input_gradient: bool = True):
     """Tensorwise float8 for the forward and the input-gradient products; the weight-gradient product
     in bf16. Its inner size is the token count (81x832x480 gives 32,760 tokens), which float8
     kernels need divisible by 16 and which a training run does not choose; it is also the product
-    where float8 costs the most accuracy (torchao's `rowwise_with_gw_hp` recipe makes the same call)."""
-    from torchao.float8 import CastConfig, Float8LinearConfig, ScalingType
+    where float8 costs the most accuracy (torchao's `rowwise_with_gw_hp` recipe makes the same call).
+    `fast_input_gradient` (`speed.fp8_fast_accumulation`): cuBLAS's fast accumulation in the input-gradient
+    product too (torchao uses it for the forward product only)."""
+    from torchao.float8 import CastConfig, Float8GemmConfig, Float8LinearConfig, ScalingType
 
+    if FP8_RECIPE != "tensorwise":
+        return Float8LinearConfig.from_recipe_name(FP8_RECIPE)
+    extra = {}
+    if fast_input_gradient:
+        extra["gemm_config_grad_input"] = Float8GemmConfig(use_fast_accum=True)
+    grad_dtype = torch.float8_e4m3fn if FP8_GRADIENT_E4M3 else None
+    if grad_dtype is not None:
+        extra["cast_config_grad_output"] = CastConfig(target_dtype=grad_dtype)
     if FP8_WEIGHT_GRADIENT:
-        return Float8LinearConfig(pad_inner_dim=True)
+        if grad_dtype is not None:
+            extra["cast_config_grad_output_for_grad_weight"] = CastConfig(target_dtype=grad_dtype)
+        return Float8LinearConfig(pad_inner_dim=True, **extra)
     return Float8LinearConfig(cast_config_input_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED),
-                              cast_config_grad_output_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED))
+                              cast_config_grad_output_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED,
+                                                                                 target_dtype=grad_dtype),
+                              **extra)
 
 
 def _check_fp8_gpu(what: str) -> None:
@@ -264,7 +282,7 @@ def enable_fp8_matmuls(transformer: torch.nn.Module, spec) -> int:
     def convert(module: torch.nn.Module, fqn: str) -> bool:
         return _fp8_linear(module, fqn) and not (lora and module.weight.requires_grad)  # LoRA: not the adapters
 
-    config = _fp8_training_config()
+    config = _fp8_training_config(spec.speed.fp8_fast_accumulation)
     layers = sum(1 for name, m in transformer.named_modules() if convert(m, name))
     if layers:
         convert_to_float8_training(transformer, config=config, module_filter_fn=convert)

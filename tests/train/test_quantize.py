@@ -184,6 +184,26 @@ def test_fp8_feedforward_products_go_through_torchao_and_track_bf16(tiny_model, 
     assert 0 < _rel(grad8, grad) < 0.15 and _cosine(grad8, grad) > 0.99, (_rel(grad8, grad), _cosine(grad8, grad))
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_fp8_fast_accumulation_switch_reaches_every_float8_product(tiny_model, fast):
+    """`speed.fp8_fast_accumulation` sets the input-gradient products' accumulation of the converted linears and of
+    the feed-forward's products; the forward products use fast accumulation and the weight gradient stays bf16 either way."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    spec = _fp8_spec(tiny_model)
+    spec.speed.fp8_fast_accumulation = fast
+    model = _fp8_model()
+    enable_fp8_matmuls(model, spec)
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    products = [getattr(b.ff, speed.FF_MATMUL_ATTR) for b in model.transformer_blocks]
+    assert linears and products
+    for mm_config in [m.linear_mm_config for m in linears] + [p.mm_config for p in products]:
+        assert mm_config.grad_input.use_fast_accum is fast
+        assert mm_config.output.use_fast_accum is True
+    for config in [m.config for m in linears] + [p.config for p in products]:
+        assert config.cast_config_input_for_grad_weight.scaling_type.name == "DISABLED"
+
+
 def test_fp8_feedforward_without_float8_sizes_falls_back_to_f_linear(tiny_model, monkeypatch, caplog):
     model = _fp8_model(dim_per_head=12)  # the tiny model's sizes: 24 channels, 144 = 2 x 72 hidden
     assert enable_fp8_matmuls(model, _fp8_spec(tiny_model)) == 0
