@@ -90,6 +90,19 @@ FULL_VARIANTS = {
     # the same with diffusers' cross-attention processor (the fused SDPA backward) instead of the dense backward
     "job-fp8-keep20-budget0.15-sdpa-xattn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                              "activation_memory_budget": 0.15, "cross_attention": "diffusers"},
+    # the input-gradient products without cuBLAS's fast accumulation (torchao's default; speed.fp8_fast_accumulation)
+    "job-fp8-keep20-budget0.15-dgrad-exact": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                              "activation_memory_budget": 0.15, "fp8_fast_accumulation": False},
+    # the output gradient cast to e4m3 instead of e5m2 (`quantize.FP8_GRADIENT_E4M3`)
+    "job-fp8-keep20-budget0.15-grad-e4m3": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                            "activation_memory_budget": 0.15, "fp8_grad_e4m3": True},
+    "job-fp8-gw-e4m3-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "fp8_grad_e4m3": True,
+                                          "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
+    "job-fp8-gw-e4m3-keep20-budget0.2": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "fp8_grad_e4m3": True,
+                                         "keep_activations_blocks": 20, "activation_memory_budget": 0.2},
+    # torchao's rowwise recipe with a bf16 weight gradient instead of the tensorwise one (`quantize.FP8_RECIPE`)
+    "job-fp8-rowwise-gw-hp-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_recipe": "rowwise_with_gw_hp",
+                                                "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
     "job-fp8-keep20-budget0.2": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.2},
 }
 LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward": "diffusers"},
@@ -114,7 +127,10 @@ LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward"
                                                               "activation_memory_budget": 0.5, "guard_on_device": False},
                  "job-lora-fp8-keep20-budget0.5-dw-cudnn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                             "activation_memory_budget": 0.5, "depthwise_input_grad": "cudnn"},
-                 "job-lora-fp8-keep20-budget0.6": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.6}}
+                 "job-lora-fp8-keep20-budget0.6": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.6},
+                 # the input-gradient products without fast accumulation (speed.fp8_fast_accumulation: false)
+                 "job-lora-fp8-keep20-budget0.5-dgrad-exact": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                               "activation_memory_budget": 0.5, "fp8_fast_accumulation": False}}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -355,15 +371,24 @@ class JobPath:
             raise RuntimeError(f"train_step skipped a step (loss {outcome.loss}, grad norm {outcome.grad_norm})")
 
 
-def profile_table(fn, path: Path | None, rows: int = 30) -> list[str]:
+def profile_table(fn, path: Path | None, rows: int = 30, shapes: bool = False) -> list[str]:
+    """Profile one call of `fn`: the ops and kernels by self time; with `shapes`, also the matrix products
+    grouped by their input shapes (which product each GEMM kernel is)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=shapes) as prof:
         fn()
         sync()
     key = "self_cuda_time_total" if cuda() else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=max(rows, 80), max_name_column_width=120)
+    if shapes:
+        products = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::_scaled_mm",
+                                                                                         "aten::bmm", "aten::addmm")]
+        attr = "self_device_time_total" if cuda() else "self_cpu_time_total"  # the averages' name for the sort key
+        products.sort(key=lambda e: -getattr(e, attr))
+        table += "\n\nmatrix products by input shapes (self time, calls, shapes)\n" + "\n".join(
+            f"{getattr(e, attr) / 1000:9.2f} ms {e.count:5d} {e.key:18s} {e.input_shapes}" for e in products)
     if path is not None:
         if cuda():
             trace = path.with_suffix(".trace.json")
@@ -458,6 +483,8 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
         speed = dict(speed)
         quantize.FP8_WEIGHT_GRADIENT = speed.pop("fp8_weight_gradient", False)
         quantize.CACHE_FROZEN_FLOAT8 = speed.pop("cache_frozen_float8", True)
+        quantize.FP8_GRADIENT_E4M3 = speed.pop("fp8_grad_e4m3", False)
+        quantize.FP8_RECIPE = speed.pop("fp8_recipe", "tensorwise")
         speed_mod.DEPTHWISE_INPUT_GRAD = speed.pop("depthwise_input_grad", "rotated")
         # inductor settings of this variant only (compile happens in the warm-up steps, inside the patch)
         inductor_patch = torch._inductor.config.patch(speed.pop("inductor", {}))
@@ -477,7 +504,7 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
                 res["error"] = f"{type(exc).__name__}: {exc}"
             if args.profile and name in args.profile_variants.split(","):
                 file = "profile_job.txt" if name == "job-default" else f"profile_{name}.txt"
-                res["profile_top"] = profile_table(job.step, args.out.parent / file, args.profile_rows)
+                res["profile_top"] = profile_table(job.step, args.out.parent / file, args.profile_rows, args.profile_shapes)
             record(name, res)
         except Exception as exc:  # noqa: BLE001
             record(name, {"speed": variants[name], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
@@ -486,6 +513,8 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
         job = model = None
         quantize.FP8_WEIGHT_GRADIENT = False
         quantize.CACHE_FROZEN_FLOAT8 = True
+        quantize.FP8_GRADIENT_E4M3 = False
+        quantize.FP8_RECIPE = "tensorwise"
         speed_mod.DEPTHWISE_INPUT_GRAD = "rotated"
         cleanup()
 
@@ -600,6 +629,7 @@ def main(argv=None) -> int:
                    "--profile-variants steps")
     p.add_argument("--profile-variants", default="job-default,job-ff-diffusers", help="comma list of variants to profile")
     p.add_argument("--profile-rows", type=int, default=30, help="rows of the profile table written next to the JSON (>= 80)")
+    p.add_argument("--profile-shapes", action="store_true", help="add the matrix products by input shapes to the profile")
     p.add_argument("--no-plain", action="store_true", help="skip the plain reference (exploratory runs: no ratio, no numerics check)")
     p.add_argument("--optimizer", default=None, help="train.optimizer of the job variants (default: the spec's default)")
     args = p.parse_args(argv)
