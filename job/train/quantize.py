@@ -13,7 +13,8 @@ package); optimum-quanto covers the LoRA half only and is in maintenance mode.
 - `enable_fp8_matmuls` (`train.mixed_precision: fp8`): the weights stay what they were (bf16; a
   full fine-tune trains them), and the transformer blocks' matrix products run in float8 with
   dynamic tensorwise scaling (torchao float8 training; forward e4m3, gradients e5m2; the
-  weight-gradient product stays bf16, see `_fp8_training_config`): the linear layers through
+  weight-gradient product stays bf16, see `_fp8_training_config`; the input-gradient products
+  with fast accumulation unless `speed.fp8_fast_accumulation` is off): the linear layers through
   `convert_to_float8_training` (LoRA: the frozen base layers only; the adapters stay float32), and
   the feed-forward's 1x1 and temporal convolutions, which are ~62 % of the model's FLOPs but convs in
   the checkpoint, through the same torchao product called from the fused feed-forward
