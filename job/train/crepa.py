@@ -202,8 +202,9 @@ class CrepaRegularizer:
         self.forward_projector = self.projector  # replaced by the accelerate-prepared module
         self._armed = False
         self._hidden: torch.Tensor | None = None
-        self.last_loss = float("nan")
-        self.last_similarity = float("nan")
+        # the last loss() call's values, detached, on the device: the step reads them once, after queuing the update
+        self.last_loss: torch.Tensor | None = None
+        self.last_similarity: torch.Tensor | None = None
         blocks[crepa_spec.block_index].register_forward_hook(self._keep)
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -240,7 +241,7 @@ class CrepaRegularizer:
         pooled = F.adaptive_avg_pool3d(tokens, (frames, rows, cols)).permute(0, 2, 3, 4, 1)  # [B, F', rows, cols, width]
         projected = self.forward_projector(pooled)
         loss, similarity = alignment_loss(projected, features, self.spec.adjacent_distance, self.spec.temporal_decay)
-        self.last_loss, self.last_similarity = float(loss.detach()), float(similarity)
+        self.last_loss, self.last_similarity = loss.detach(), similarity  # no host read here: backward is not queued yet
         return self.spec.weight * loss
 
     # --- checkpoints: the projector is training state, not part of the exported model ---------

@@ -140,7 +140,7 @@ def train_step(s, batches) -> StepOutcome:
     if s.ema is not None:
         s.ema.maybe_update(s.step)
     extras = {}
-    if crepa_values:
-        extras = {"crepa_loss": sum(v[0] for v in crepa_values) / len(crepa_values),
-                  "crepa_similarity": sum(v[1] for v in crepa_values) / len(crepa_values)}
+    if crepa_values:  # one host read for all micro-batches, after the update is queued
+        crepa_loss, crepa_similarity = torch.stack([torch.stack(v) for v in crepa_values]).float().mean(0).tolist()
+        extras = {"crepa_loss": crepa_loss, "crepa_similarity": crepa_similarity}
     return StepOutcome(loss_value, grad_norm, samples, tokens, extras=extras)

@@ -116,7 +116,9 @@ def test_crepa_gradients_reach_the_projector_and_early_blocks_only(tmp_path, tin
         s.transformer(inputs.noisy, encoder_hidden_states=batch["prompt_embeds"],
                       encoder_attention_mask=batch["prompt_attention_mask"], timestep=inputs.timesteps, return_dict=False)
     loss = s.crepa.loss(batch["crepa_features"], x0.shape)
-    assert loss.item() > 0 and loss.item() == pytest.approx(spec.train.crepa.weight * s.crepa.last_loss)
+    # the values the step reports stay on the device (a host read here would wait before backward is queued)
+    assert isinstance(s.crepa.last_loss, torch.Tensor) and not s.crepa.last_loss.requires_grad
+    assert loss.item() > 0 and loss.item() == pytest.approx(spec.train.crepa.weight * s.crepa.last_loss.item())
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in s.crepa.parameters())
     model = s.model
@@ -156,8 +158,21 @@ def test_crepa_trains_with_lora_checkpointing_and_bf16(tmp_path, tiny_model, tin
     before = [p.detach().clone() for p in s.crepa.parameters()]
     from job.train.step import train_step
 
+    seen = []
+    loss_fn = s.crepa.loss
+
+    def recording_loss(*args):
+        out = loss_fn(*args)
+        seen.append((s.crepa.last_loss.item(), s.crepa.last_similarity.item()))
+        return out
+
+    s.crepa.loss = recording_loss
     out = train_step(s, s.batches())
     assert not out.skipped and out.extras["crepa_loss"] > 0
+    # the step reports the mean over its micro-batches
+    assert len(seen) == spec.train.gradient_accumulation_steps
+    assert out.extras["crepa_loss"] == pytest.approx(sum(v[0] for v in seen) / len(seen))
+    assert out.extras["crepa_similarity"] == pytest.approx(sum(v[1] for v in seen) / len(seen))
     assert any(not torch.equal(a, p) for a, p in zip(before, s.crepa.parameters()))  # the projector learned
 
 
