@@ -63,6 +63,21 @@ def test_shipped_specs_cover_full_lora_and_smoke():
     assert {"sanavideo-2b-480p-full.yaml", "sanavideo-2b-480p-lora.yaml", "smoke-cpu.yaml"} <= names
 
 
+def test_the_spec_that_spells_out_the_speed_defaults_lists_each_of_them():
+    """specs/sanavideo-2b-480p-i2v-lora.yaml says its `speed:` section is the defaults spelled out: every switch,
+    each at its default (so a new switch or a changed default cannot leave it stale)."""
+    import yaml
+
+    from job.spec.speed import SpeedSpec
+
+    path = ROOT / "specs" / "sanavideo-2b-480p-i2v-lora.yaml"
+    assert "# the defaults, spelled out" in path.read_text()
+    section = yaml.safe_load(path.read_text())["speed"]
+    defaults = SpeedSpec().model_dump()
+    assert set(section) == set(defaults)
+    assert section == defaults
+
+
 # One row per cross-field or field rule: (changes, expected path, a word of the message).
 RULES = [
     ({"memory.group_offload": {"enabled": True}, "memory.enable_model_cpu_offload": True}, "memory.enable_model_cpu_offload", "cannot be combined"),
