@@ -204,6 +204,31 @@ def test_fp8_fast_accumulation_switch_reaches_every_float8_product(tiny_model, f
         assert config.cast_config_input_for_grad_weight.scaling_type.name == "DISABLED"
 
 
+@pytest.mark.parametrize("weight_gradient", [False, True])
+@pytest.mark.parametrize("e4m3", [False, True])
+def test_fp8_bench_settings_build_configs_whose_products_run(monkeypatch, weight_gradient, e4m3):
+    """The bench-only switches (`FP8_WEIGHT_GRADIENT`, `FP8_GRADIENT_E4M3`) make configs torchao accepts (it
+    asserts that both uses of the gradient share one dtype), and their products track bf16."""
+    from job.train import quantize
+
+    monkeypatch.setattr(quantize, "FP8_WEIGHT_GRADIENT", weight_gradient)
+    monkeypatch.setattr(quantize, "FP8_GRADIENT_E4M3", e4m3)
+    config = quantize._fp8_training_config()
+    grad_dtype = torch.float8_e4m3fn if e4m3 else torch.float8_e5m2
+    assert config.cast_config_grad_output.target_dtype == grad_dtype
+    assert (config.cast_config_input_for_grad_weight.scaling_type.name == "DISABLED") is not weight_gradient
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(48, 32, generator=g) * 0.1).bfloat16().requires_grad_()
+    grad_out = torch.randn(64, 48, generator=g, dtype=torch.bfloat16)
+    Float8Product(config)(x, w).backward(grad_out)
+    ref_x, ref_w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch.nn.functional.linear(ref_x, ref_w).backward(grad_out)
+    assert 0.01 < _rel(x.grad, ref_x.grad) < 0.15  # float8 input gradient
+    # the weight gradient: float8 only with FP8_WEIGHT_GRADIENT, else the bf16 product of the same inputs
+    assert (0.01 < _rel(w.grad, ref_w.grad) < 0.15) if weight_gradient else _rel(w.grad, ref_w.grad) < 1e-2
+
+
 def test_fp8_feedforward_without_float8_sizes_falls_back_to_f_linear(tiny_model, monkeypatch, caplog):
     model = _fp8_model(dim_per_head=12)  # the tiny model's sizes: 24 channels, 144 = 2 x 72 hidden
     assert enable_fp8_matmuls(model, _fp8_spec(tiny_model)) == 0
