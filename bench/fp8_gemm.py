@@ -5,8 +5,9 @@ float8 training matmul, as `quantize.Float8Product` calls it, against float64).
 
     python bench/fp8_gemm.py --out fp8_gemm.json
 
-Why: in the full fine-tune's profile the input-gradient products (`nvjet_sm90_qrtst_*`: e5m2 gradient x e4m3
-weight, no fast accumulation) ran at ~770 TFLOP/s, about half the forward's ~1,400 (fast accumulation).
+Why: which float8 settings could make the step's products faster (torchao's recipe runs the input-gradient products
+without cuBLAS's fast accumulation and with an e5m2 gradient, the weight-gradient product in bf16 here), and at what
+cost in accuracy. bench/NOTES.md items 31-33.
 
 Shapes: the block's linear layers as (out, in) = the attention projections (2240, 2240), the feed-forward's
 up (11200, 2240), down (2240, 5600) and temporal (6720, 2240) products.
