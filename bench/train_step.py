@@ -40,6 +40,7 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -478,44 +479,39 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
     from job.models.sanavideo import speed as speed_mod
     from job.train import quantize
 
+    # module-level switches a variant may set: its key -> (module, attribute); unset ones keep the module's own value
+    switches = {"fp8_weight_gradient": (quantize, "FP8_WEIGHT_GRADIENT"), "cache_frozen_float8": (quantize, "CACHE_FROZEN_FLOAT8"),
+                "fp8_grad_e4m3": (quantize, "FP8_GRADIENT_E4M3"), "fp8_recipe": (quantize, "FP8_RECIPE"),
+                "depthwise_input_grad": (speed_mod, "DEPTHWISE_INPUT_GRAD")}
     for i, (name, speed) in enumerate(variants.items()):
         job = None
         speed = dict(speed)
-        quantize.FP8_WEIGHT_GRADIENT = speed.pop("fp8_weight_gradient", False)
-        quantize.CACHE_FROZEN_FLOAT8 = speed.pop("cache_frozen_float8", True)
-        quantize.FP8_GRADIENT_E4M3 = speed.pop("fp8_grad_e4m3", False)
-        quantize.FP8_RECIPE = speed.pop("fp8_recipe", "tensorwise")
-        speed_mod.DEPTHWISE_INPUT_GRAD = speed.pop("depthwise_input_grad", "rotated")
-        # inductor settings of this variant only (compile happens in the warm-up steps, inside the patch)
-        inductor_patch = torch._inductor.config.patch(speed.pop("inductor", {}))
-        try:
-            inductor_patch.__enter__()
-            # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
-            # the block's forward is one) is reached after a few variants and later ones silently run eagerly
-            torch._dynamo.reset()
-            torch.manual_seed(0)
-            model = build_model(args.tiny)
-            model.load_state_dict(weights)
-            job = JobPath(model, make_spec(kind, speed, args), sh)
-            res = {"speed": variants[name], "numerics": job.numerics(inp)}
+        with contextlib.ExitStack() as patches:
+            for key in switches.keys() & speed.keys():
+                patches.enter_context(mock.patch.object(*switches[key], speed.pop(key)))
+            # inductor settings of this variant only (compile happens in the warm-up steps, inside the patch)
+            patches.enter_context(torch._inductor.config.patch(speed.pop("inductor", {})))
             try:
-                res.update(timed(job.step, args.warmup, args.iters))
-            except Exception as exc:  # noqa: BLE001 - keep the numerics of a variant whose steps fail
-                res["error"] = f"{type(exc).__name__}: {exc}"
-            if args.profile and name in args.profile_variants.split(","):
-                file = "profile_job.txt" if name == "job-default" else f"profile_{name}.txt"
-                res["profile_top"] = profile_table(job.step, args.out.parent / file, args.profile_rows, args.profile_shapes)
-            record(name, res)
-        except Exception as exc:  # noqa: BLE001
-            record(name, {"speed": variants[name], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
-        finally:
-            inductor_patch.__exit__(None, None, None)
+                # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
+                # the block's forward is one) is reached after a few variants and later ones silently run eagerly
+                torch._dynamo.reset()
+                torch.manual_seed(0)
+                model = build_model(args.tiny)
+                model.load_state_dict(weights)
+                job = JobPath(model, make_spec(kind, speed, args), sh)
+                res = {"speed": variants[name], "numerics": job.numerics(inp)}
+                try:
+                    res.update(timed(job.step, args.warmup, args.iters))
+                except Exception as exc:  # noqa: BLE001 - keep the numerics of a variant whose steps fail
+                    res["error"] = f"{type(exc).__name__}: {exc}"
+                if args.profile and name in args.profile_variants.split(","):
+                    file = "profile_job.txt" if name == "job-default" else f"profile_{name}.txt"
+                    res["profile_top"] = profile_table(job.step, args.out.parent / file, args.profile_rows, args.profile_shapes)
+                record(name, res)
+            except Exception as exc:  # noqa: BLE001
+                record(name, {"speed": variants[name], "error": f"{type(exc).__name__}: {exc}",
+                              "trace": traceback.format_exc()[-2000:]})
         job = model = None
-        quantize.FP8_WEIGHT_GRADIENT = False
-        quantize.CACHE_FROZEN_FLOAT8 = True
-        quantize.FP8_GRADIENT_E4M3 = False
-        quantize.FP8_RECIPE = "tensorwise"
-        speed_mod.DEPTHWISE_INPUT_GRAD = "rotated"
         cleanup()
 
 
