@@ -20,6 +20,7 @@ exp(1.5 N(0, 1)) x 1e-4) so that the e4m3 gradient's narrower range shows up if 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -100,22 +101,30 @@ def gemm_timings(out_f: int, in_f: int, iters: int) -> dict:
 
 
 def recipes():
-    from torchao.float8 import CastConfig, Float8GemmConfig, Float8LinearConfig, ScalingType
+    """The configurations `quantize._fp8_training_config` builds (with and without `speed.fp8_fast_accumulation`,
+    and with each bench switch), plus fast accumulation in all three products, which it has no switch for."""
+    from unittest import mock
 
-    gw_bf16 = dict(cast_config_input_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED),
-                   cast_config_grad_output_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED))
+    from torchao.float8 import Float8GemmConfig, Float8LinearConfig
+
+    from job.train import quantize
+
+    def config(fast_input_gradient: bool, **switches):
+        with contextlib.ExitStack() as patches:
+            for name, value in switches.items():
+                patches.enter_context(mock.patch.object(quantize, name, value))
+            return quantize._fp8_training_config(fast_input_gradient)
+
     fast = Float8GemmConfig(use_fast_accum=True)
+    # the names of fp8_gemm_h100.json; "shipped" is the configuration before speed.fp8_fast_accumulation
     return {
-        "shipped (tensorwise, dgrad e5m2, gw bf16)": Float8LinearConfig(**gw_bf16),
-        "dgrad fast accumulation": Float8LinearConfig(gemm_config_grad_input=fast, **gw_bf16),
-        "dgrad fast accumulation, e4m3 gradient": Float8LinearConfig(
-            gemm_config_grad_input=fast, cast_config_grad_output=CastConfig(target_dtype=E4M3),
-            cast_config_input_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED),
-            cast_config_grad_output_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED, target_dtype=E4M3)),
-        "gw float8 (tensorwise default)": Float8LinearConfig(pad_inner_dim=True),
+        "shipped (tensorwise, dgrad e5m2, gw bf16)": config(False),
+        "dgrad fast accumulation": config(True),
+        "dgrad fast accumulation, e4m3 gradient": config(True, FP8_GRADIENT_E4M3=True),
+        "gw float8 (tensorwise default)": config(False, FP8_WEIGHT_GRADIENT=True),
         "gw float8, fast accumulation everywhere": Float8LinearConfig(
             pad_inner_dim=True, gemm_config_grad_input=fast, gemm_config_grad_weight=fast),
-        "rowwise_with_gw_hp": Float8LinearConfig.from_recipe_name("rowwise_with_gw_hp"),
+        "rowwise_with_gw_hp": config(False, FP8_RECIPE="rowwise_with_gw_hp"),
     }
 
 
