@@ -12,14 +12,15 @@ package); optimum-quanto covers the LoRA half only and is in maintenance mode.
   This saves memory, not time (the products still run in bf16).
 - `enable_fp8_matmuls` (`train.mixed_precision: fp8`): the weights stay what they were (bf16; a
   full fine-tune trains them), and the transformer blocks' matrix products run in float8 with
-  dynamic tensorwise scaling (torchao float8 training; forward e4m3, gradients e5m2; the
-  weight-gradient product stays bf16, see `_fp8_training_config`; the input-gradient products
-  with fast accumulation unless `speed.fp8_fast_accumulation` is off): the linear layers through
-  `convert_to_float8_training` (LoRA: the frozen base layers only; the adapters stay float32), and
-  the feed-forward's 1x1 and temporal convolutions, which are ~62 % of the model's FLOPs but convs in
-  the checkpoint, through the same torchao product called from the fused feed-forward
-  (`speed.set_feedforward_matmul`; inside compiled blocks only). Needs an sm89+ GPU; layers whose
-  sizes are not multiples of 16 stay bf16.
+  dynamic tensorwise scaling (forward e4m3, gradients e5m2; the input-gradient products with fast
+  accumulation unless `speed.fp8_fast_accumulation` is off): the linear layers and the feed-forward's
+  1x1 and temporal convolutions, which are ~62 % of the model's FLOPs but convs in the checkpoint (the
+  fused feed-forward calls the product, `speed.set_feedforward_matmul`; inside compiled blocks only).
+  A full fine-tune with `speed.fp8_weight_gradient` (default) runs the weight-gradient products in
+  float8 too, through `job/train/float8_matmul.py` (torchao's casts, its own layout handling); without
+  it, or for LoRA, the products are torchao float8 training (`convert_to_float8_training`; LoRA: the
+  frozen base layers only, the adapters stay float32) with the weight gradient in bf16
+  (`_fp8_training_config`). Needs an sm89+ GPU; layers whose sizes are not multiples of 16 stay bf16.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def _fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
             and _float8_sizes(module.out_features, module.in_features))
 
 
-#: Whether the weight-gradient product runs in float8 too (torchao's default tensorwise recipe, with the
-#: token dimension padded to a multiple of 16). Off: see `_fp8_training_config`; `bench/train_step.py` measures both.
+#: Whether torchao's product runs the weight gradient in float8 too (its default tensorwise recipe, the token
+#: dimension padded to a multiple of 16). A bench switch: measured slower than bf16 in the compiled step (its
+#: padding and transposed copies are separate passes); `speed.fp8_weight_gradient` is the shipped float8 weight
+#: gradient, whose products are bit for bit this recipe's (tests/train/test_float8_matmul.py).
 FP8_WEIGHT_GRADIENT = False
 #: Measured alternatives (`bench/fp8_gemm.py`, `bench/train_step.py`, bench/RESULTS.md), switches for the benches:
 #: the output gradient cast to e4m3 instead of e5m2, and a torchao recipe name instead of the configuration below.
@@ -244,7 +247,7 @@ class Float8Product:
     feed-forward). Products whose sizes are not multiples of 16 run in bf16 through `F.linear`. `owner` and
     `key` name the weight for the frozen-weight cache (`FrozenFloat8Weights`), used when it holds a copy."""
 
-    def __init__(self, config):
+    def __init__(self, config, own_weight_gradient: bool = False):
         from torchao.float8 import LinearMMConfig, ScaledMMConfig
         # torchao's float8 training autograd function (not exported: `Float8Linear.forward` calls it)
         from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
@@ -254,6 +257,8 @@ class Float8Product:
         mm = [ScaledMMConfig(config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim)
               for gemm in (config.gemm_config_output, config.gemm_config_grad_input, config.gemm_config_grad_weight)]
         self.mm_config = LinearMMConfig(*mm)
+        # trained weights through `float8_matmul.float8_linear` (`speed.fp8_weight_gradient`)
+        self.own_weight_gradient = own_weight_gradient
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  owner: torch.nn.Module | None = None, key: str | None = None) -> torch.Tensor:
@@ -262,6 +267,10 @@ class Float8Product:
         if torch.is_autocast_enabled():  # as Float8Linear: the product's inputs in the autocast dtype
             x = x.to(torch.get_autocast_gpu_dtype())
         cached = None if owner is None else cached_float8(owner, key, x.dtype, self.mm_config)
+        if self.own_weight_gradient and cached is None and weight.requires_grad:
+            from job.train.float8_matmul import float8_linear
+
+            return float8_linear(x, weight, bias, self.mm_config.grad_input.use_fast_accum)
         out = self._matmul.apply(x, (weight.to(x.dtype) if cached is None else cached).t(), self.mm_config, self.config)
         return out if bias is None else out + bias.to(out.dtype)
 
@@ -284,10 +293,19 @@ def enable_fp8_matmuls(transformer: torch.nn.Module, spec) -> int:
         return _fp8_linear(module, fqn) and not (lora and module.weight.requires_grad)  # LoRA: not the adapters
 
     config = _fp8_training_config(spec.speed.fp8_fast_accumulation)
+    # a full fine-tune's float8 weight gradients: its products through `float8_matmul` (LoRA trains no base weight)
+    own = spec.speed.fp8_weight_gradient and not lora
     layers = sum(1 for name, m in transformer.named_modules() if convert(m, name))
-    if layers:
+    if layers and own:
+        from job.train.float8_matmul import Float8TrainedLinear
+
+        for name, module in list(transformer.named_modules()):
+            if convert(module, name):
+                module.__class__ = Float8TrainedLinear  # same parameters, float8 products
+                module.fast_input_gradient = spec.speed.fp8_fast_accumulation
+    elif layers:
         convert_to_float8_training(transformer, config=config, module_filter_fn=convert)
-    product = Float8Product(config)
+    product = Float8Product(config, own_weight_gradient=own)
     feedforwards = set_feedforward_matmul(transformer, product)
     if not layers:
         log.warning("fp8 matmuls: no linear layer of the transformer blocks has sizes divisible by 16; they stay bf16")

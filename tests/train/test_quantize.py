@@ -114,13 +114,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_fp8_full_fine_tune_converts_block_linears_and_tracks_bf16(tiny_model):
+@pytest.mark.parametrize("weight_gradient", [True, False])  # speed.fp8_weight_gradient: job/train/float8_matmul.py, torchao
+def test_fp8_full_fine_tune_converts_block_linears_and_tracks_bf16(tiny_model, weight_gradient):
     spec = _fp8_spec(tiny_model)
+    spec.speed.fp8_weight_gradient = weight_gradient
     reference = _fp8_model()
     model = copy.deepcopy(reference)
     reference.requires_grad_(True)
     prepare_transformer(model, spec)
-    converted = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+    kind = "Float8TrainedLinear" if weight_gradient else "Float8Linear"
+    converted = [n for n, m in model.named_modules() if type(m).__name__ == kind]
     assert converted and all(n.startswith("transformer_blocks.") for n in converted)
     plain_in_blocks = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith("transformer_blocks.")]
     assert not plain_in_blocks, plain_in_blocks  # every block linear of this model has float8-sized dims
@@ -168,8 +171,10 @@ def _first_feedforward_counted(model, monkeypatch):
 
 
 def test_fp8_feedforward_products_go_through_torchao_and_track_bf16(tiny_model, monkeypatch):
+    spec = _fp8_spec(tiny_model)
+    spec.speed.fp8_weight_gradient = False  # torchao's products (the float8 weight gradient's: test_float8_matmul.py)
     model = _fp8_model()
-    enable_fp8_matmuls(model, _fp8_spec(tiny_model))
+    enable_fp8_matmuls(model, spec)
     ff, counter = _first_feedforward_counted(model, monkeypatch)
     x = torch.randn(1, 2, 4, 4, 32, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
 
@@ -192,6 +197,7 @@ def test_fp8_fast_accumulation_switch_reaches_every_float8_product(tiny_model, f
 
     spec = _fp8_spec(tiny_model)
     spec.speed.fp8_fast_accumulation = fast
+    spec.speed.fp8_weight_gradient = False  # torchao's products; float8_matmul's: test_float8_matmul.py
     model = _fp8_model()
     enable_fp8_matmuls(model, spec)
     linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
