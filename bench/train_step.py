@@ -73,7 +73,9 @@ FULL_VARIANTS = {
     "job-autocast-keep8": {"mixed_precision": "bf16", "keep_activations_blocks": 8},
     "job-autocast-keep12": {"mixed_precision": "bf16", "keep_activations_blocks": 12},
     "job-autocast-no-speedups": {"mixed_precision": "bf16", "compile_blocks": False, "linear_attention": "diffusers"},
-    # float8 products (train.mixed_precision: fp8); "fp8_weight_gradient": the weight-gradient product in float8 too
+    # float8 products (train.mixed_precision: fp8; a full fine-tune's weight gradients in float8 by default,
+    # speed.fp8_weight_gradient). "torchao_fp8_weight_gradient": torchao's own float8 weight gradient instead
+    # (`quantize.FP8_WEIGHT_GRADIENT`; with speed.fp8_weight_gradient off, so that torchao runs the products)
     "job-fp8": {"mixed_precision": "fp8"},
     "job-fp8-keep20-budget0.15": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
     # the feed-forward's SiLU/depthwise/gate backward compiled by inductor instead of the Triton kernels (ff_grad.py)
@@ -83,7 +85,7 @@ FULL_VARIANTS = {
     # did not finish within 7 minutes on an H100 (bench/RESULTS.md), kept to reproduce that
     "job-fp8-keep20-budget0.15-cdt": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.15,
                                       "inductor": {"coordinate_descent_tuning": True}},
-    "job-fp8-gw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "keep_activations_blocks": 20,
+    "job-fp8-gw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": False, "torchao_fp8_weight_gradient": True, "keep_activations_blocks": 20,
                                      "activation_memory_budget": 0.15},
     # the depthwise conv's input gradient from cuDNN's data-gradient kernel (`speed.DEPTHWISE_INPUT_GRAD`)
     "job-fp8-keep20-budget0.15-dw-cudnn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
@@ -95,16 +97,24 @@ FULL_VARIANTS = {
     "job-fp8-keep20-budget0.15-dgrad-exact": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                               "activation_memory_budget": 0.15, "fp8_fast_accumulation": False},
     # the output gradient cast to e4m3 instead of e5m2 (`quantize.FP8_GRADIENT_E4M3`)
-    "job-fp8-keep20-budget0.15-grad-e4m3": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+    "job-fp8-keep20-budget0.15-grad-e4m3": {"mixed_precision": "fp8", "fp8_weight_gradient": False, "keep_activations_blocks": 20,
                                             "activation_memory_budget": 0.15, "fp8_grad_e4m3": True},
-    "job-fp8-gw-e4m3-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "fp8_grad_e4m3": True,
+    "job-fp8-gw-e4m3-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": False, "torchao_fp8_weight_gradient": True, "fp8_grad_e4m3": True,
                                           "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
-    "job-fp8-gw-e4m3-keep20-budget0.2": {"mixed_precision": "fp8", "fp8_weight_gradient": True, "fp8_grad_e4m3": True,
+    "job-fp8-gw-e4m3-keep20-budget0.2": {"mixed_precision": "fp8", "fp8_weight_gradient": False, "torchao_fp8_weight_gradient": True, "fp8_grad_e4m3": True,
                                          "keep_activations_blocks": 20, "activation_memory_budget": 0.2},
     # torchao's rowwise recipe with a bf16 weight gradient instead of the tensorwise one (`quantize.FP8_RECIPE`)
-    "job-fp8-rowwise-gw-hp-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_recipe": "rowwise_with_gw_hp",
+    "job-fp8-rowwise-gw-hp-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": False, "fp8_recipe": "rowwise_with_gw_hp",
                                                 "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
     "job-fp8-keep20-budget0.2": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.2},
+    # the weight gradients in bf16 (speed.fp8_weight_gradient off: the default before 2026-11-25 11:30)
+    "job-fp8-keep20-budget0.15-gw-bf16": {"mixed_precision": "fp8", "fp8_weight_gradient": False,
+                                          "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
+    # the names this session's runs used for speed.fp8_weight_gradient before it became the default (same settings)
+    "job-fp8-owngw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True,
+                                        "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
+    "job-fp8-owngw-keep20-budget0.2": {"mixed_precision": "fp8", "fp8_weight_gradient": True,
+                                       "keep_activations_blocks": 20, "activation_memory_budget": 0.2},
 }
 LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward": "diffusers"},
                  "job-lora-keep8": {"keep_activations_blocks": 8},
@@ -480,7 +490,7 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
     from job.train import quantize
 
     # module-level switches a variant may set: its key -> (module, attribute); unset ones keep the module's own value
-    switches = {"fp8_weight_gradient": (quantize, "FP8_WEIGHT_GRADIENT"), "cache_frozen_float8": (quantize, "CACHE_FROZEN_FLOAT8"),
+    switches = {"torchao_fp8_weight_gradient": (quantize, "FP8_WEIGHT_GRADIENT"), "cache_frozen_float8": (quantize, "CACHE_FROZEN_FLOAT8"),
                 "fp8_grad_e4m3": (quantize, "FP8_GRADIENT_E4M3"), "fp8_recipe": (quantize, "FP8_RECIPE"),
                 "depthwise_input_grad": (speed_mod, "DEPTHWISE_INPUT_GRAD")}
     for i, (name, speed) in enumerate(variants.items()):
