@@ -5,12 +5,13 @@ are ~1.8x faster than bf16 on an H100), but in a compiled training step it lost 
 dimension (the product's inner size, which float8 kernels need divisible by 16) and makes transposed float8
 copies of both operands, each a separate pass over an activation-sized tensor. This function computes the same
 tensorwise casts (one scale per tensor: e4m3 for the input and the weight, e5m2 for the output gradient, the
-scale from the tensor's absolute maximum, saturated) with plain torch operations, so that inductor can write the
-transposed, padded copy from the same cast, and so that what the backward needs of the input is its float8
-copy (1 byte per value) rather than the bf16 input.
+scale from the tensor's absolute maximum, saturated; bit for bit torchao's) with plain torch operations that
+inductor fuses into their producers, makes the tokens-last operands of the weight-gradient product with one
+tiled copy of the float8 bytes (`_tokens_last`), and keeps for the backward only the float8 copy of the input
+(1 byte per value) rather than the bf16 input.
 
-Used for trained weights only (`quantize.FP8_RECIPE`); the frozen weights of LoRA keep torchao's recipe with
-the cast-once cache.
+Used for trained weights (`speed.fp8_weight_gradient`, a full fine-tune); the frozen weights of LoRA keep
+torchao's recipe with the cast-once cache.
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def _tokens_last_kernel(t8: torch.Tensor) -> torch.Tensor:
 def _tokens_last(t8: torch.Tensor) -> torch.Tensor:
     """(tokens, channels) float8 with a contiguous channel axis -> (channels, tokens padded to a multiple of 16),
     contiguous: the row-major operand layout the weight-gradient product needs (the padding is zeros, which add
-    nothing to the sum). A custom op, i.e. one tiled pass over the float8 bytes that inductor cannot fuse:
-    fused, it wrote the transposed copy from inside the producer's reduction kernels, whose loops run along
-    the channels (a 5,600-channel one took 2.9 ms instead of 0.5 ms on an H100, bench/NOTES.md)."""
+    nothing to the sum). A custom op, i.e. one tiled pass over the float8 bytes that inductor cannot fuse: left
+    to inductor (`F.pad(t8.t(), ...)`), the transposed copies became extra cast passes over the bf16 producers,
+    and the float8 cast kernels took 41 ms more per step on an H100; as this op, 50 ms less (bench/NOTES.md
+    item 35)."""
     return _tokens_last_kernel(t8) if kernels_usable(t8) else tokens_last_reference(t8)
 
 
