@@ -127,3 +127,15 @@ class SpeedSpec(Section):
         "block recomputed 0.97 s/step at 12 GiB; all 20 blocks kept with budget 0.15 / 0.3 / 0.5: 0.84 s at 23 GiB, "
         "0.78 s at 34 GiB, 0.73 s at 43 GiB. 1.0 = torch's default (about 4.3 GiB per kept block at that size).",
     )
+    recompute_cost: Literal["roofline", "flops"] = Field(
+        "roofline",
+        description="With activation_memory_budget below 1: how the compiler estimates what recomputing an operation "
+        "in the backward pass costs when it picks what to save. `roofline`: the slower of its arithmetic at the GPU's "
+        "peak and its memory traffic at the GPU's bandwidth, so the norms' statistics and the float8 casts' absolute "
+        "maxima (small to save, a full read of an activation to recompute) are saved. `flops`: torch's default, the "
+        "operation's FLOP count, which rates those as free and recomputes them. The same computation either way (a "
+        "recomputed reduction may differ in its last bits); measured on an H100 (81x832x480, batch 1, bench/RESULTS.md): "
+        "full fine-tune, fp8, budget 0.15: 0.819 -> 0.792 s per step at the same peak memory; LoRA, fp8, budget 0.5: "
+        "0.575 -> 0.570 s. Needs torch's pluggable runtime estimators (torch 2.11 has "
+        "them); without them `flops` is used and the log says so.",
+    )

@@ -13,6 +13,7 @@ from job.errors import InputError
 
 from . import lora as lora_mod
 from . import quantize as quantize_mod
+from . import recompute_cost as recompute_cost_mod
 
 log = logging.getLogger("trainer.train")
 
@@ -48,7 +49,11 @@ def prepare_transformer(transformer, spec):
         transformer.enable_gradient_checkpointing()
     from job.models.sanavideo.speed import apply_training_speedups
 
-    apply_training_speedups(transformer, spec)  # spec.speed: fused attention, selective checkpointing, compile
+    applied = apply_training_speedups(transformer, spec)  # spec.speed: fused attention, selective checkpointing, compile
+    if spec.speed.activation_memory_budget < 1 and any(a.startswith("regional torch.compile") for a in applied):
+        # read at each block's first compile (the first step): what the memory budget recomputes
+        used = recompute_cost_mod.use_for_compiles(spec.speed.recompute_cost)
+        log.info("speed.recompute_cost: the compiler picks what to recompute by %s estimates", used)
     transformer.train()
     return [p for p in transformer.parameters() if p.requires_grad]
 
