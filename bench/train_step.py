@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from benchutil import cuda, sync, cleanup  # noqa: E402
+import partitioner_log  # noqa: E402
 
 GIB = 1024 ** 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -110,6 +111,14 @@ FULL_VARIANTS = {
     # the weight gradients in bf16 (speed.fp8_weight_gradient off: the default before 2026-11-25 11:30)
     "job-fp8-keep20-budget0.15-gw-bf16": {"mixed_precision": "fp8", "fp8_weight_gradient": False,
                                           "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
+    # the memory-budget partitioner's runtime estimate (speed.recompute_cost; "roofline" is the default):
+    # torch's FLOP count, and the roofline at a larger budget
+    "job-fp8-keep20-budget0.15-flops": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                        "activation_memory_budget": 0.15, "recompute_cost": "flops"},
+    "job-fp8-keep20-budget0.15-roofline": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                           "activation_memory_budget": 0.15, "recompute_cost": "roofline"},
+    "job-fp8-keep20-budget0.2-roofline": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                          "activation_memory_budget": 0.2, "recompute_cost": "roofline"},
     # the names this session's runs used for speed.fp8_weight_gradient before it became the default (same settings)
     "job-fp8-owngw-keep20-budget0.15": {"mixed_precision": "fp8", "fp8_weight_gradient": True,
                                         "keep_activations_blocks": 20, "activation_memory_budget": 0.15},
@@ -136,6 +145,9 @@ LORA_VARIANTS = {"job-lora-default": {}, "job-lora-ff-diffusers": {"feedforward"
                                                             "activation_memory_budget": 0.5, "cache_frozen_float8": False},
                  "job-lora-fp8-keep20-budget0.5-host-guard": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                               "activation_memory_budget": 0.5, "guard_on_device": False},
+                 # the partitioner's recompute choices by torch's FLOP count (speed.recompute_cost; roofline is the default)
+                 "job-lora-fp8-keep20-budget0.5-flops": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                         "activation_memory_budget": 0.5, "recompute_cost": "flops"},
                  "job-lora-fp8-keep20-budget0.5-dw-cudnn": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                             "activation_memory_budget": 0.5, "depthwise_input_grad": "cudnn"},
                  "job-lora-fp8-keep20-budget0.6": {"mixed_precision": "fp8", "keep_activations_blocks": 20, "activation_memory_budget": 0.6},
@@ -501,6 +513,10 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
                 patches.enter_context(mock.patch.object(*switches[key], speed.pop(key)))
             # inductor settings of this variant only (compile happens in the warm-up steps, inside the patch)
             patches.enter_context(torch._inductor.config.patch(speed.pop("inductor", {})))
+            if "recompute_cost" in speed:
+                patches.enter_context(fresh_compile_caches())
+            if args.log_partitioner:
+                patches.enter_context(partitioner_log.record(args.out.parent / f"partitioner_{name}.json"))
             try:
                 # each variant compiles its own graphs; without a reset dynamo's recompile limit (8 per code object,
                 # the block's forward is one) is reached after a few variants and later ones silently run eagerly
@@ -523,6 +539,16 @@ def run_training(kind: str, variants: dict, args, results: dict, save, fwd_tflop
                               "trace": traceback.format_exc()[-2000:]})
         job = model = None
         cleanup()
+
+
+@contextlib.contextmanager
+def fresh_compile_caches():
+    """Compile without reading or writing torch's graph caches: for variants that differ from others only in
+    `speed.recompute_cost`, which not every torch version keys its cached partitions by."""
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
 
 
 def run_validation(args, results: dict, save):
@@ -637,6 +663,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-rows", type=int, default=30, help="rows of the profile table written next to the JSON (>= 80)")
     p.add_argument("--profile-shapes", action="store_true", help="add the matrix products by input shapes to the profile")
     p.add_argument("--no-plain", action="store_true", help="skip the plain reference (exploratory runs: no ratio, no numerics check)")
+    p.add_argument("--log-partitioner", action="store_true",
+                   help="write partitioner_<variant>.json: what the memory-budget partitioner saved and recomputed")
     p.add_argument("--optimizer", default=None, help="train.optimizer of the job variants (default: the spec's default)")
     args = p.parse_args(argv)
     if args.tiny:
