@@ -115,6 +115,10 @@ FULL_VARIANTS = {
     # torch's FLOP count, and the roofline at a larger budget
     "job-fp8-keep20-budget0.15-flops": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                         "activation_memory_budget": 0.15, "recompute_cost": "flops"},
+    # inductor fuses nodes even where they share no input (`aggressive_fusion`)
+    "job-fp8-keep20-budget0.15-aggressive-fusion": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                    "activation_memory_budget": 0.15,
+                                                    "inductor": {"aggressive_fusion": True}},
     "job-fp8-keep20-budget0.15-roofline": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                            "activation_memory_budget": 0.15, "recompute_cost": "roofline"},
     "job-fp8-keep20-budget0.2-roofline": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
