@@ -53,11 +53,9 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def _peak(inputs: list[torch.Tensor]) -> float:
-    dtypes = [t.dtype for t in inputs if t.is_floating_point()]
-    for dtype in dtypes:
-        if dtype in PEAK_FLOPS:
-            return PEAK_FLOPS[dtype]
-    return TF32_PEAK_FLOPS if torch.backends.cuda.matmul.allow_tf32 else FLOAT32_PEAK_FLOPS
+    """The peak of the first operand with a low-precision dtype (a float8 product's scales are float32)."""
+    float32 = TF32_PEAK_FLOPS if torch.backends.cuda.matmul.allow_tf32 else FLOAT32_PEAK_FLOPS
+    return next((PEAK_FLOPS[t.dtype] for t in inputs if t.dtype in PEAK_FLOPS), float32)
 
 
 def roofline_ms(node, flops: float) -> float:
