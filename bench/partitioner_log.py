@@ -8,7 +8,8 @@ JSON list, an entry per partitioned graph:
   (`job.train.recompute_cost.roofline_ms`) and whether it is recomputed;
 - `saved`: the values the forward pass saves for the backward pass (op, shape, dtype, MB), the largest first.
 
-A diagnostic of bench/train_step.py (`--log-partitioner`); it changes no decision.
+A diagnostic of bench/train_step.py (`--log-partitioner`); it changes no decision. The committed logs
+(`partitioner_full_fp8_*_h100.json`) hold one line per node.
 """
 
 from __future__ import annotations
