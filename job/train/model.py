@@ -47,10 +47,10 @@ def prepare_transformer(transformer, spec):
     quantize_mod.enable_fp8_matmuls(transformer, spec)  # train.mixed_precision: fp8 (before compile)
     if spec.memory.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    from job.models.sanavideo.speed import apply_training_speedups
+    from job.models.sanavideo.speed import apply_training_speedups, blocks_compiled
 
-    applied = apply_training_speedups(transformer, spec)  # spec.speed: fused attention, selective checkpointing, compile
-    if spec.speed.activation_memory_budget < 1 and any(a.startswith("regional torch.compile") for a in applied):
+    apply_training_speedups(transformer, spec)  # spec.speed: fused attention, selective checkpointing, compile
+    if spec.speed.activation_memory_budget < 1 and blocks_compiled(transformer):
         # read at each block's first compile (the first step): what the memory budget recomputes
         used = recompute_cost_mod.use_for_compiles(spec.speed.recompute_cost)
         log.info("speed.recompute_cost: the compiler picks what to recompute by %s estimates", used)

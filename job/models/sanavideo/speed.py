@@ -179,7 +179,8 @@ def compile_blocks(transformer, activation_memory_budget: float | None = None) -
     return compiled
 
 
-def _blocks_compiled(transformer) -> bool:
+def blocks_compiled(transformer) -> bool:
+    """Whether every transformer block was compiled in place (`compile_blocks`)."""
     return all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer.transformer_blocks)
 
 
@@ -599,7 +600,7 @@ def apply_inference_speedups(transformer, speed) -> list[str]:
         applied.append("fused linear attention" + _attn_kernels_note(kernels))
     if getattr(speed, "feedforward", "diffusers") == "fused":
         _apply_fused_feedforward(transformer, applied, getattr(speed, "fused_kernels", False))
-    if speed.compile_blocks and not _blocks_compiled(transformer):
+    if speed.compile_blocks and not blocks_compiled(transformer):
         ok, why = compile_available(transformer)
         if ok:
             compile_blocks(transformer)
