@@ -20,6 +20,15 @@ class SpeedSpec(Section):
         "torch 2.11, pytorch#193061; +0.5-1 % step time). The first step (and the first validation render) "
         "pays a one-time compile of about a minute; its kernels are cached in `<workspace>/cache/compile` (or TORCHINDUCTOR_CACHE_DIR when set), so later runs on the same volume compile faster.",
     )
+    tune_reductions: bool = Field(
+        True,
+        description="With compile_blocks: inductor compiles each reduction (the norms' row statistics, the float8 "
+        "casts' maxima, the sums over tokens) twice, as a persistent kernel (a row held in registers, read once) and "
+        "looped, and keeps the faster at its first call (inductor's `triton.multi_kernel`; without it rows longer than "
+        "1,024 values, such as the 2,240 channels of a token, are always looped). Same arithmetic; a sum may differ "
+        "in its last bits with the order. Measured on an H100 (full fine-tune, fp8, budget 0.15, 81x832x480, batch 1, "
+        "bench/RESULTS.md): 0.796 -> 0.785 s per step, same peak memory; the first compile takes about 20 s longer.",
+    )
     linear_attention: Literal["fused", "diffusers"] = Field(
         "fused",
         description="Self-attention implementation. `fused`: the same linear attention written without diffusers' "

@@ -214,13 +214,15 @@ class GroupOffload:
             self._ready.pop(member.group, None)
         return mine
 
-    def compile_blocks(self, **compile_kwargs) -> int:
+    def compile_blocks(self, reductions_tuned: bool = True, **compile_kwargs) -> int:
         """`torch.compile` each offloaded module's own forward (the wrapper with the swap and the
         copies stays eager). The parameters it reads are the onloaded copies, graph inputs to
-        dynamo, so the blocks share one compiled graph as with the speed settings' regional compile."""
-        from job.models.sanavideo.speed import avoid_inductor_miscompiles
+        dynamo, so the blocks share one compiled graph as with the speed settings' regional compile.
+        `reductions_tuned`: `speed.tune_reductions`, as there."""
+        from job.models.sanavideo.speed import avoid_inductor_miscompiles, tune_reductions
 
         avoid_inductor_miscompiles()
+        tune_reductions(reductions_tuned)
         members = [m for g in self.groups for m in g]
         for m in members:
             m.forward = torch.compile(m.forward, **compile_kwargs)
@@ -376,7 +378,7 @@ def offload_for_training(model: torch.nn.Module, spec, device: torch.device, res
     # (a compiled block would trace the swap); here the blocks' own forwards are compiled instead
     speed = getattr(spec, "speed", None)
     if speed is not None and speed.compile_blocks and offload.device.type == "cuda" and go.type == "block_level":
-        log.info("group offload: compiling the %d offloaded blocks' forwards", offload.compile_blocks())
+        log.info("group offload: compiling the %d offloaded blocks' forwards", offload.compile_blocks(speed.tune_reductions))
     return offload
 
 

@@ -148,6 +148,28 @@ def test_compile_is_applied_per_block_where_available(tmp_path, tiny_model, monk
     assert inductor_config.triton.mix_order_reduction is False  # pytorch#193061: wrong modulation gradients
 
 
+def test_tune_reductions_sets_inductor_multi_kernel_for_every_compile_path(tmp_path, tiny_model, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from job.train.offload import apply_group_offload
+
+    monkeypatch.setattr(speed_mod, "compile_available", lambda transformer: (True, ""))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    # (config.patch, not monkeypatch: monkeypatch's undo deletes an attribute it did not find, hiding the option)
+    with inductor_config.patch({"triton.multi_kernel": 0}):
+        prepare_transformer(_model(torch.float32, layers=2), _spec(tmp_path, tiny_model))
+        assert inductor_config.triton.multi_kernel == 1  # the default: each reduction persistent or looped, the faster
+        prepare_transformer(_model(torch.float32, layers=2), _spec(tmp_path, tiny_model, speed={"tune_reductions": False}))
+        assert inductor_config.triton.multi_kernel == 0  # off means off, whatever an earlier job of the process set
+        speed_mod.apply_inference_speedups(_model(torch.float32, layers=1).eval(), SpeedSpec())
+        assert inductor_config.triton.multi_kernel == 1  # the validation render's compile follows the same spec
+        monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+        offload = apply_group_offload(_model(torch.float32, layers=1),
+                                      SimpleNamespace(type="block_level", blocks_per_group=1, use_stream=False), "cpu")
+        assert offload.compile_blocks(reductions_tuned=False) > 0  # group offload's own compile of the blocks
+        assert inductor_config.triton.multi_kernel == 0
+
+
 def test_activation_memory_budget_reaches_the_compiler_config(tmp_path, tiny_model, monkeypatch):
     import torch._functorch.config as functorch_config
 

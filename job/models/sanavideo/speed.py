@@ -159,13 +159,29 @@ def avoid_inductor_miscompiles() -> list[str]:
     return []
 
 
-def compile_blocks(transformer, activation_memory_budget: float | None = None) -> int:
+def tune_reductions(on: bool) -> bool:
+    """Inductor's multi-kernel reductions (`torch._inductor.config.triton.multi_kernel`, `speed.tune_reductions`)
+    for every later compile of the process: each reduction compiled persistent and looped, the faster kept at its
+    first call. Set either way (the spec decides, not an earlier job of the process); returns False where this
+    torch has no such option."""
+    import torch._inductor.config as inductor_config
+
+    triton = getattr(inductor_config, "triton", None)
+    if triton is None or not hasattr(triton, "multi_kernel"):
+        return False
+    triton.multi_kernel = 1 if on else 0
+    return True
+
+
+def compile_blocks(transformer, activation_memory_budget: float | None = None, reductions_tuned: bool = True) -> int:
     """`torch.compile` each transformer block in place (`nn.Module.compile`); returns how many.
 
     Shapes are static per bucket; a second bucket recompiles once with dynamic shapes.
     `activation_memory_budget` (`speed.activation_memory_budget`) is set in torch's functorch config,
-    which the compiler reads when it partitions a block's graph for the backward pass (first call)."""
+    which the compiler reads when it partitions a block's graph for the backward pass (first call);
+    `reductions_tuned` (`speed.tune_reductions`) likewise sets inductor's multi-kernel reductions."""
     avoid_inductor_miscompiles()
+    tune_reductions(reductions_tuned)
     if activation_memory_budget is not None:
         import torch._functorch.config as functorch_config
 
@@ -578,7 +594,7 @@ def apply_training_speedups(transformer, spec) -> list[str]:
         if ok and spec.memory.group_offload.enabled:  # the hooks are added after this call
             ok, why = False, "memory.group_offload moves weights inside the blocks"
         if ok:
-            compile_blocks(transformer, speed.activation_memory_budget)
+            compile_blocks(transformer, speed.activation_memory_budget, speed.tune_reductions)
             applied.append("regional torch.compile" + (f" (activation memory budget {speed.activation_memory_budget:g})"
                                                         if speed.activation_memory_budget < 1 else ""))
         else:
@@ -603,7 +619,7 @@ def apply_inference_speedups(transformer, speed) -> list[str]:
     if speed.compile_blocks and not blocks_compiled(transformer):
         ok, why = compile_available(transformer)
         if ok:
-            compile_blocks(transformer)
+            compile_blocks(transformer, reductions_tuned=getattr(speed, "tune_reductions", True))
             applied.append("regional torch.compile")
         else:
             log.debug("speed.compile_blocks: not compiling for validation: %s", why)
