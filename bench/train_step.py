@@ -132,6 +132,12 @@ FULL_VARIANTS = {
     "job-fp8-keep20-budget0.15-multi-kernel": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                                "activation_memory_budget": 0.15,
                                                "inductor": {"triton.multi_kernel": 1}},
+    # reductions tiled over two dimensions, so a reduction that reads a transposed operand (the attention's backward
+    # reads its value gradient channel-major) can load it coalesced (`triton.tile_reductions` + `prefer_nd_tiling`)
+    "job-fp8-keep20-budget0.15-tile-reductions": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
+                                                  "activation_memory_budget": 0.15,
+                                                  "inductor": {"triton.prefer_nd_tiling": True,
+                                                               "triton.tile_reductions": True}},
     "job-fp8-keep20-budget0.15-untuned": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
                                           "activation_memory_budget": 0.15, "tune_reductions": False},
     "job-fp8-keep20-budget0.15-max-autotune-gemm": {"mixed_precision": "fp8", "keep_activations_blocks": 20,
