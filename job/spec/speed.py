@@ -25,8 +25,9 @@ class SpeedSpec(Section):
         description="With compile_blocks: inductor compiles each reduction (the norms' row statistics, the float8 "
         "casts' maxima, the sums over tokens) twice, as a persistent kernel (a row held in registers, read once) and "
         "looped, and keeps the faster at its first call (inductor's `triton.multi_kernel`; without it rows longer than "
-        "1,024 values, such as the 2,240 channels of a token, are always looped). Same arithmetic; a sum may differ "
-        "in its last bits with the order. Measured on an H100 (full fine-tune, fp8, budget 0.15, 81x832x480, batch 1, "
+        "1,024 values, such as the 2,240 channels of a token, are always looped). The choice is stored with the "
+        "compile cache, so a rerun or resume on the same workspace picks the same kernels. Same arithmetic; a sum may "
+        "differ in its last bits with the order. Measured on an H100 (full fine-tune, fp8, budget 0.15, 81x832x480, batch 1, "
         "bench/RESULTS.md): 0.796 -> 0.785 s per step, same peak memory; the first compile takes about 20 s longer.",
     )
     linear_attention: Literal["fused", "diffusers"] = Field(
