@@ -33,7 +33,8 @@ class SpeedSpec(Section):
     linear_attention: Literal["fused", "diffusers"] = Field(
         "fused",
         description="Self-attention implementation. `fused`: the same linear attention written without diffusers' "
-        "strided rotary writes and layout copies (it keeps token-major layout, normaliser in fp32; fuses well under compile). "
+        "strided rotary writes and layout copies (token-major layout throughout, the key sum in fp32; under bf16 autocast "
+        "its products run in bf16, as diffusers' do; fuses well under compile). "
         "`diffusers`: the stock `SanaLinearAttnProcessor3_0`.",
     )
     feedforward: Literal["fused", "diffusers"] = Field(

@@ -63,8 +63,10 @@ class FusedLinearAttnProcessor:
     """Drop-in for diffusers' `SanaLinearAttnProcessor3_0` (SANA-Video self-attention).
 
     out[n] = (sum_m v[m] k_rot[m]^T) q_rot[n] / (q[n] . sum_m k[m]), per head, with q, k after ReLU.
-    The two reductions over tokens run in fp32 like diffusers'; the normaliser too (diffusers
-    rounds it to bf16, so this path is slightly more exact, never less)."""
+    The products take float32 operands as diffusers' do: without autocast they run in float32; under bf16
+    autocast (`train.mixed_precision` bf16 or fp8) autocast runs them, here as in diffusers', as bf16 products
+    with bf16 results (the compiled training graph's `bmm`s are bf16). The key sum is taken in float32
+    (diffusers sums in bf16), so this path is slightly more exact, never less."""
 
     fused = True  # marks the processor for `apply_*` (idempotent) and tests
 
