@@ -118,6 +118,7 @@ RULES = [
     ({"data.datasets.0.id": "bad name/../x"}, "data.datasets[0].id", "does not match"),
     ({"validation.prompt_library": {"bad name": "a prompt"}}, "validation.prompt_library", "file names"),
     ({"validation.prompt_library": {"validation": "a prompt"}}, "validation.prompt_library", "reserved"),
+    ({"speed.tune_reductions": "maybe"}, "speed.tune_reductions", "valid boolean"),
     ({"train.num_processes": 2, "memory.group_offload": {"enabled": True}}, "memory.group_offload.enabled", "single-process"),
     ({"train.crepa": {"enabled": True, "encoder_image_size": 224}}, "train.crepa.encoder_image_size", "518"),
     ({"webhooks": [{"url": "not-a-url"}]}, "webhooks[0].url", "http"),
