@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .collectives import all_reduce
 from .final import read_summary, write_final
 from .hooks import StepInfo, TrainHooks, TrainResult
 from .metrics import peak_memory_gb
@@ -88,7 +89,7 @@ def _agreed_flags(s: TrainSession, stop: StopRequest) -> tuple[bool, bool]:
     if s.world == 1:  # nothing to agree on: no device round trip, which would wait for the queued optimizer step
         return bool(stop.requested), bool(time_due)
     flags = torch.tensor([float(stop.requested), float(time_due)], device=s.accelerator.device)
-    flags = s.accelerator.reduce(flags, "max")
+    flags = all_reduce(flags, "max")
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 

@@ -27,6 +27,7 @@ from job.errors import InputError
 from job.models.sanavideo.objective import FlowMatchingObjective
 
 from . import checkpoints as ckpt
+from .collectives import all_reduce
 from .crepa import CrepaRegularizer, build_crepa, check_resume_without_crepa
 from .ema import Ema
 from .metrics import MetricsLog, available_trackers, restore_history, save_history
@@ -171,7 +172,7 @@ class TrainSession:
         acc = self.accelerator
         if acc.num_processes > 1:
             code = torch.tensor([float((error.errno or errno.EIO) if error is not None else 0)], device=acc.device)
-            code = int(acc.reduce(code, "max").item())
+            code = int(all_reduce(code, "max").item())
             if code and error is None:
                 raise OSError(code, f"another process could not write {what}: {os.strerror(code)}")
         if error is not None:

@@ -12,6 +12,7 @@ from job.errors import EXIT_BAD_INPUT, TrainerError
 
 from job.models.sanavideo.speed import trim_text_padding
 
+from .collectives import all_reduce
 from .guard import guarded_step
 from .offload import background_optimizer
 from .rollout import rollout_inputs
@@ -115,7 +116,7 @@ def train_step(s, batches) -> StepOutcome:
             crepa_values.append((s.crepa.last_loss, s.crepa.last_similarity))
         samples += batch["latents"].shape[0] * s.world
         tokens += tokens_per_sample(s, batch["latents"]) * batch["latents"].shape[0] * s.world
-    loss = acc.reduce(torch.stack(losses).mean(), "mean")
+    loss = all_reduce(torch.stack(losses).mean(), "mean")
     loss_value, grad_norm, skipped = guarded_step(s.optimizer, loss, clip_gradients(s), s.spec.speed.guard_on_device)
     if skipped:  # the optimizer left everything as it was
         s.optimizer.zero_grad(set_to_none=True)
