@@ -41,8 +41,6 @@ from safetensors.torch import save as save_tensors_bytes
 from job.errors import InputError
 from job.workspace import atomic_write_bytes
 
-from . import format as fmt
-
 MAGIC = b"TRZSHUF1"
 LEVEL = 1
 CODEC = "shuffle+zlib-1"

@@ -41,10 +41,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_tensors_bytes
 
 from job.errors import InputError
-from job.workspace import atomic_write_bytes, atomic_write_text
+from job.workspace import atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -6,8 +6,6 @@ a weight written in place or moved gets a fresh copy; full fine-tunes (weights t
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
