@@ -80,7 +80,3 @@ class StorageError(TrainerError):
     exit_code = EXIT_REMOTE
 
 
-class PhaseUnavailable(TrainerError):
-    """A phase this build of trainer does not implement yet; said plainly, never faked."""
-
-    exit_code = EXIT_ENVIRONMENT

@@ -31,8 +31,8 @@ def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None) -> 
     """Train (or resume) as the spec says. Returns completed | stopped_early | already_complete.
 
     Raises TrainerError subclasses for what a user can fix (InputError: no cached samples, bad
-    checkpoint path; EnvironmentProblem: a missing optimizer package; PhaseUnavailable: a spec
-    feature this build does not train with; TrainingDiverged: NaN/inf for max_bad_steps steps),
+    checkpoint path; EnvironmentProblem: a missing optimizer or quantisation package;
+    TrainingDiverged: NaN/inf for max_bad_steps steps),
     and `HardStop` (a KeyboardInterrupt) on a second SIGTERM/SIGINT.
     """
     hooks = hooks or TrainHooks()
