@@ -21,7 +21,10 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " \\| ".join(_type_name(a) for a in args)
     if origin is list:
-        return f"list of {_type_name(args[0])}" if args else "list"
+        if not args:
+            return "list"
+        item = _type_name(args[0])
+        return f"list of ({item})" if "\\|" in item else f"list of {item}"  # "list of (a | b) | c", not "list of a | b | c"
     if origin is dict:
         return "mapping"
     if origin is typing.Annotated:

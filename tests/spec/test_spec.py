@@ -289,6 +289,12 @@ def test_docs_spec_reference_is_in_sync():
     assert committed == markdown_reference(), "docs/SPEC.md is stale: run `trainer schema --markdown -o docs/SPEC.md`"
 
 
+def test_reference_groups_a_list_of_choices_apart_from_the_other_choices():
+    """tracking.report_to is a list of trackers or one value: the list's choices are bracketed."""
+    row = next(line for line in markdown_reference().splitlines() if line.startswith("| `report_to` |"))
+    assert "list of (`wandb` \\| `tensorboard`) \\| `none`" in row, row
+
+
 def test_every_field_is_described():
     from pydantic import BaseModel
 
