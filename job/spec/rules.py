@@ -176,7 +176,9 @@ def spec_warnings(spec: JobSpec) -> list[SpecProblem]:
     if train.caption_dropout_probability == 0:
         warnings.append(SpecProblem("train.caption_dropout_probability", "0 means the model never sees the empty prompt; guidance may weaken",
                                     "0.1 is the usual value"))
-    crepa_options = train.crepa.model_fields_set - {"enabled"}
+    # options changed from their defaults while CREPA is off (the starter spec spells out the defaults)
+    crepa_options = {name for name in train.crepa.model_fields_set - {"enabled"}
+                     if getattr(train.crepa, name) != type(train.crepa).model_fields[name].default}
     if crepa_options and not train.crepa.enabled:
         warnings.append(SpecProblem("train.crepa", f"{', '.join(sorted(crepa_options))} set but CREPA is off", "set train.crepa.enabled: true or remove them"))
     if train.crepa.enabled and train.crepa.weight == 0:

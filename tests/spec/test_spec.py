@@ -56,6 +56,14 @@ def test_minimal_spec_gets_quickstart_defaults():
 def test_shipped_specs_validate(path):
     loaded = load_spec(path, env={})
     assert loaded.spec.model.family == "sanavideo"
+    assert not loaded.warnings, loaded.warnings  # `trainer init` writes one of these: no warning on a user's first validate
+
+
+def test_crepa_options_changed_while_crepa_is_off_are_named():
+    spelled_out = validate_data(spec_with(**{"train.crepa": {"enabled": False, "weight": 0.5, "block_index": 10}}), "<test>", env={})
+    assert not spelled_out.warnings  # the defaults, written out
+    changed = validate_data(spec_with(**{"train.crepa": {"enabled": False, "weight": 0.8, "block_index": 10}}), "<test>", env={})
+    assert [(w.path, "weight set but CREPA is off" in str(w)) for w in changed.warnings] == [("train.crepa", True)]
 
 
 def test_shipped_specs_cover_full_lora_and_smoke():
