@@ -270,6 +270,15 @@ def main(argv: list[str] | None = None) -> int:
             _print_error(problem)
             event("job_failed", error=str(problem), exit_code=problem.exit_code)
             return problem.exit_code
+        refused = _path_refused(exc)
+        if refused is not None:  # a read-only volume, a folder without permission, a file where a folder goes
+            problem = EnvironmentProblem(f"cannot write or open {refused.filename}: {refused.strerror}",
+                                         "mount the workspace volume writable and check the folder's owner and "
+                                         "permissions, or point `workspace` / `output.dir` in the spec at a folder "
+                                         "this user can write")
+            _print_error(problem)
+            event("job_failed", error=str(problem), exit_code=problem.exit_code)
+            return problem.exit_code
         console.print_exception()  # a bug in trainer: show everything
         return EXIT_BUG
     return EXIT_OK
@@ -286,6 +295,20 @@ def _disk_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _path_refused(exc: BaseException | None) -> OSError | None:
+    """The OSError in the exception chain that says the file system refused a path, if any."""
+    import errno
+
+    refusals = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in refusals and exc.filename:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

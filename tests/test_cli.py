@@ -191,3 +191,23 @@ def test_compiled_kernels_are_cached_on_the_workspace_volume_unless_the_user_say
     _open_job(spec, verbose=False)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+
+
+@pytest.mark.parametrize("where", ["workspace", "output.dir"])
+def test_a_workspace_path_the_file_system_refuses_is_an_environment_error_not_a_traceback(tmp_path, where):
+    """A file where the workspace or output folder goes (as a read-only volume or a folder without
+    permission): exit 3 naming the path and the fix, not a traceback and exit 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    data = {"data": {"datasets": [{"id": "clips", "source": "clips"}]}, "train": {"max_train_steps": 1},
+            "workspace": str(tmp_path / "ws")}
+    if where == "workspace":
+        data["workspace"] = str(blocker / "ws")
+    else:
+        data["output"] = {"dir": str(blocker)}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    result = run_cli("pull", str(spec))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and str(blocker) in result.stderr, result.stderr
+    assert "mount the workspace volume writable" in result.stderr
