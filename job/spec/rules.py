@@ -133,6 +133,15 @@ def check_rules(spec: JobSpec) -> list[SpecProblem]:
             add(SpecProblem("output.push_to", "models are published to a model repo, not a dataset repo", "use hf://owner/repo"))
         else:
             problems.extend(_check_location("output.push_to", push, allow_bare_repo=False))
+    endpoint = spec.storage.s3.endpoint_url
+    if endpoint is not None:
+        from job.storage.base import S3Options  # the one place that says what an endpoint may look like
+
+        try:
+            S3Options(endpoint_url=endpoint)
+        except ValueError as exc:  # its message never repeats credentials
+            add(SpecProblem("storage.s3.endpoint_url", str(exc).removeprefix("endpoint_url "),
+                            "write http(s)://host[:port]; credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"))
     resume = spec.checkpoints.resume_from_checkpoint
     if resume not in ("latest", "none"):
         problems.extend(_check_location("checkpoints.resume_from_checkpoint", resume, allow_bare_repo=False))

@@ -117,6 +117,8 @@ RULES = [
     ({"data.datasets.0.source": "ftp://host/clips"}, "data.datasets[0].source", "unknown scheme"),
     ({"data.datasets.0.source": "s3://Bad_Bucket/x"}, "data.datasets[0].source", "not a valid s3"),
     ({"output.push_to": "/local/folder"}, "output.push_to", "not a remote store"),
+    ({"storage.s3.endpoint_url": "127.0.0.1:9000"}, "storage.s3.endpoint_url", "https://host[:port]"),
+    ({"storage.s3.endpoint_url": "http://minio:S3cretPass@127.0.0.1:9000"}, "storage.s3.endpoint_url", "must not contain credentials"),
     ({"output.push_to": "hf://datasets/me/repo"}, "output.push_to", "model repo"),
     ({"model.pretrained_model_name_or_path": "gs://bucket/model"}, "model.pretrained_model_name_or_path", "unknown scheme"),
     ({"data.datasets": [{"id": "a", "source": "x"}, {"id": "a", "source": "y"}]}, "data.datasets", "used twice"),
@@ -145,6 +147,11 @@ def test_each_rule_names_the_field(changes, path, word):
     matching = [p for p in problems if p.startswith(path + ":") or p.startswith(path + " ")]
     assert matching, f"no problem at {path}: {problems}"
     assert any(word in p for p in matching), matching
+
+
+def test_an_endpoint_with_credentials_is_refused_without_repeating_them():
+    problems = problems_of(spec_with(**{"storage.s3.endpoint_url": "http://minio:S3cretPass@127.0.0.1:9000"}))
+    assert problems and not any("S3cretPass" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("model_type", ["full", "lora"])
