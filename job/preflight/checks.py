@@ -11,7 +11,7 @@ from .estimate import GIB, EstimateInputs, VramEstimate, cache_phase_bytes, esti
 from .facts import DeviceFacts
 from .params import load_transformer_config, param_counts
 from .remotes import RemoteResult, as_uri
-from .report import PreflightReport
+from .report import REMOTE_CHECK, PreflightReport
 from .resources import (Need, checkpoint_bytes, checkpoints_kept, count_clips, default_model_download, host_ram_need,
                         latent_cache_bytes, text_cache_bytes)
 
@@ -330,4 +330,4 @@ def check_disk(report: PreflightReport, spec, ws, facts: DeviceFacts, inputs: Es
 
 def add_remote_rows(report: PreflightReport, results: list[RemoteResult]) -> None:
     for r in results:
-        report.add(f"remote: {r.target.role}", r.status, r.detail, r.fix, uri=r.target.uri, size=r.size, files=r.files)
+        report.add(f"{REMOTE_CHECK}{r.target.role}", r.status, r.detail, r.fix, uri=r.target.uri, size=r.size, files=r.files)

@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from job.errors import EnvironmentProblem
+from job.errors import EnvironmentProblem, StorageError
 
 Status = Literal["ok", "warn", "fail"]
 STATUSES = ("ok", "warn", "fail")
 REPORT_VERSION = 1
+REMOTE_CHECK = "remote: "  # the prefix of every remote store's row
 
 
 @dataclass
@@ -61,7 +62,8 @@ class PreflightReport:
         return not self.failures
 
     def raise_if_failed(self) -> None:
-        """EnvironmentProblem (exit 3) naming every failed check and its fix."""
+        """Raise naming every failed check and its fix: StorageError (exit 4, as when a store fails later in
+        the job) when only remote stores failed, else EnvironmentProblem (exit 3)."""
         failures = self.failures
         if not failures:
             return
@@ -72,7 +74,8 @@ class PreflightReport:
             lines.append(f"  - {r.check}: {r.detail}")
             if r.fix:
                 fixes.append(f"{r.check}: {r.fix}")
-        raise EnvironmentProblem("\n".join(lines), "; ".join(fixes) if fixes else None)
+        error = StorageError if all(r.check.startswith(REMOTE_CHECK) for r in failures) else EnvironmentProblem
+        raise error("\n".join(lines), "; ".join(fixes) if fixes else None)
 
     # ---- JSON
     def to_dict(self) -> dict[str, Any]:

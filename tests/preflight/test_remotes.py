@@ -3,7 +3,9 @@
 import os
 
 import boto3
+import pytest
 
+from job.errors import EnvironmentProblem, StorageError
 from job.preflight import run_preflight
 from job.preflight.remotes import RemoteTarget, as_uri, probe, remote_targets
 from job.storage import RemoteNotFound
@@ -46,6 +48,19 @@ def test_missing_bucket_fails(make_spec, workspace, facts, s3_env):
     assert report.row("remote: dataset clips").status == "fail"
     assert report.row("remote: output.push_to").status == "fail"
     assert "no-such-bucket-here" in report.row("remote: dataset clips").detail
+    with pytest.raises(StorageError) as raised:  # exit 4, as when the store fails later in the job
+        report.raise_if_failed()
+    assert "no-such-bucket-here" in str(raised.value)
+
+
+def test_a_remote_failure_beside_a_machine_problem_is_an_environment_problem(make_spec, workspace, facts, s3_env):
+    spec = _s3_spec(make_spec, s3_env, "no-such-bucket-here")
+    ws = workspace(spec)
+    report = run_preflight(spec, ws, facts=facts(disk_paths=[str(ws.root)]))
+    report.add("disk (workspace)", "fail", "needs 90 GiB, 10 GiB free", "free space")
+    with pytest.raises(EnvironmentProblem) as raised:  # exit 3: the machine must change too
+        report.raise_if_failed()
+    assert "no-such-bucket-here" in str(raised.value) and "90 GiB" in str(raised.value)
 
 
 def test_bad_credentials_fail_without_leaking_them(make_spec, workspace, facts, s3_env, s3_bucket, monkeypatch):
