@@ -151,6 +151,14 @@ def _describe_value(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _yaml_boolean_word(value: Any, expected: str) -> str | None:
+    """The allowed choice (no, off, yes, on, ...) that YAML turned into `value`, a boolean, if any."""
+    if not isinstance(value, bool):
+        return None
+    words = ("no", "off", "false", "n") if value is False else ("yes", "on", "true", "y")
+    return next((w for w in words if f"'{w}'" in expected.lower()), None)
+
+
 def _is_secret_field(loc: tuple) -> bool:
     owner = _model_at(loc)
     if owner is None or not loc or loc[-1] not in owner.model_fields:
@@ -185,6 +193,11 @@ def problems_from_validation(exc: ValidationError, secrets: list[str] = ()) -> l
         ctx = err.get("ctx") or {}
         if kind == "literal_error" and "expected" in ctx:
             message = f"{_describe_value(err.get('input'))} is not allowed; expected {ctx['expected']}"
+            word = _yaml_boolean_word(err.get("input"), ctx["expected"])
+            if word:  # YAML 1.1 reads an unquoted no/off/yes/on as a boolean
+                problems.append(SpecProblem(path, f"is the boolean {err['input']}: YAML reads an unquoted {word} as a boolean",
+                                            f"quote it: \"{word}\""))
+                continue
         elif kind == "string_pattern_mismatch":
             message = f"{_describe_value(err.get('input'))} does not match the allowed form {ctx.get('pattern')}"
         elif "input" in err and kind not in ("model_type", "dict_type"):

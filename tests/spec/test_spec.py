@@ -149,6 +149,18 @@ def test_each_rule_names_the_field(changes, path, word):
     assert any(word in p for p in matching), matching
 
 
+def test_an_unquoted_no_is_explained_as_yaml_reading_a_boolean(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(spec_with()))
+    text = spec.read_text().replace("train:\n", "train:\n  mixed_precision: no\n", 1)
+    spec.write_text(text)
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec, env={})
+    message = str(raised.value)
+    assert "train.mixed_precision" in message and "YAML reads an unquoted no as a boolean" in message, message
+    assert 'quote it: "no"' in message, message
+
+
 def test_an_endpoint_with_credentials_is_refused_without_repeating_them():
     problems = problems_of(spec_with(**{"storage.s3.endpoint_url": "http://minio:S3cretPass@127.0.0.1:9000"}))
     assert problems and not any("S3cretPass" in p for p in problems), problems
