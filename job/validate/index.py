@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from job.report import scrub
 from job.workspace import atomic_write_text
 
 log = logging.getLogger("trainer.validate")
@@ -31,7 +32,8 @@ def step_dir_name(step: int) -> str:
 
 def write_manifest(step_dir: Path, manifest: dict[str, Any]) -> Path:
     path = step_dir / MANIFEST
-    atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    # scrub: a secret the CLI registered (a ${VAR} in the name or a prompt) stays out of uploaded files
+    atomic_write_text(path, scrub(json.dumps(manifest, indent=2, ensure_ascii=False)) + "\n")
     return path
 
 
@@ -116,5 +118,5 @@ def render_index(manifests: list[dict[str, Any]], title: str = "Validation") -> 
 def write_index(validation_dir: Path, title: str = "Validation") -> Path:
     """Rebuild `validation/index.html` from all step manifests (atomic write)."""
     path = validation_dir / INDEX
-    atomic_write_text(path, render_index(read_manifests(validation_dir), title))
+    atomic_write_text(path, scrub(render_index(read_manifests(validation_dir), title)))
     return path

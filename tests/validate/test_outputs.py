@@ -80,3 +80,19 @@ def test_preview_projection_fit_cache_and_sender(tmp_path, tiny_components):
     assert [p["denoising_step"] for _, p, _ in sink.sent] == [2, 4]
     png = Image.open(io.BytesIO(sink.sent[0][2]))
     assert png.height == 4 * 8 and json.dumps(sink.sent[0][1])  # upscaled, at most to the video's size
+
+
+def test_registered_secrets_stay_out_of_the_manifest_and_the_index(tmp_path, monkeypatch):
+    """A ${VAR} secret in the job name or a prompt: the uploaded validation files show *** instead."""
+    import job.report as report
+
+    monkeypatch.setattr(report, "_secret_values", set())
+    report.register_secrets(["ApiKeyValue_ZZZ"])
+    folder = tmp_path / step_dir_name(10)
+    folder.mkdir()
+    manifest = write_manifest(folder, {"step": 10, "contact_sheet": None, "negative_prompt": "blur ApiKeyValue_ZZZ",
+                                       "videos": [{"nickname": "a", "prompt": "p", "file": "a.mp4", "width": 64, "height": 32}]})
+    index = write_index(tmp_path, title="Validation — smoke-ApiKeyValue_ZZZ")
+    for path in (manifest, index):
+        text = path.read_text()
+        assert "ApiKeyValue_ZZZ" not in text and "***" in text, text
