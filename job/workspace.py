@@ -11,18 +11,21 @@ of building their own, so a restarted container finds what an earlier run left.
       cache/meta/<id>.json    video metadata cache (discovery)
       output/                 output.dir: checkpoints/, validation/, final/
       logs/events.jsonl       the JSON event log
-      state/                  phase results (preflight.json, ...)
+      state/                  phase results (preflight.json, ...) and phase locks (cache.lock, train.lock)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from job.errors import InputError
 from job.spec import JobSpec
 from job.spec.data import VideoDataset
 
@@ -119,6 +122,49 @@ class Workspace:
     @property
     def state_dir(self) -> Path:
         return self.root / "state"
+
+    # --- locks --------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, name: str, *, holder: str, wait: bool, fix: str | None = None,
+             on_wait: Callable[[Path], None] | None = None) -> Iterator[Path]:
+        """Hold an exclusive lock on `state/<name>` (fcntl.flock) for the `with` block; yields the lock file.
+
+        One phase of a kind per workspace at a time, across processes and containers sharing the volume.
+        When another process holds it: `wait=False` raises InputError ("another <holder> is running on the
+        workspace ... (it holds <file>)", with `fix`); `wait=True` calls `on_wait(file)` and blocks until it
+        is free. The lock belongs to the open file, not to the file on disk: the OS drops it when its
+        process dies (kill -9, OOM, a lost container), so a lock file left behind never blocks anyone and
+        is never deleted. Two opens in one process conflict as two processes do (not reentrant). Not POSIX
+        (no fcntl): no lock.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                import fcntl
+            except ImportError:  # not POSIX: no lock
+                fcntl = None
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    if not wait:
+                        raise InputError(f"another {holder} is running on the workspace {self.root} (it holds {path})",
+                                         fix) from None
+                    if on_wait is not None:
+                        on_wait(path)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield path
+            finally:
+                if fcntl is not None:
+                    # explicit unlock: a child forked meanwhile (a DataLoader worker) shares this open file,
+                    # and closing our descriptor alone would leave the lock held until that child exits
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def _is_bare_hub_id(location: str) -> bool:

@@ -87,7 +87,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -364,34 +364,18 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus - 2))
 
 
-@contextlib.contextmanager
-def _workspace_lock(ws: Workspace, wait: bool = True) -> Iterator[None]:
-    """One cache phase per workspace at a time; the OS drops the lock when its process dies.
+def _workspace_lock(ws: Workspace, wait: bool = True) -> contextlib.AbstractContextManager[Path]:
+    """One cache phase per workspace at a time; the OS drops the lock when its process dies (`Workspace.lock`).
 
     A second run (another container on the same volume, or every rank of a multi-GPU job) waits
     for the first and then finds everything cached, so it returns fast. `wait=False` refuses instead.
     """
-    ws.state_dir.mkdir(parents=True, exist_ok=True)
-    path = ws.state_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                if not wait:
-                    raise InputError(f"another cache phase is running on the workspace {ws.root} (it holds {path})",
-                                     "wait for it to finish, or stop it; two runs would write the same files") from None
-                log.info("another cache phase is running on %s; waiting for it to finish", ws.root)
-                event("cache.waiting", lock=str(path))
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    def waiting(path: Path) -> None:
+        log.info("another cache phase is running on %s; waiting for it to finish", ws.root)
+        event("cache.waiting", lock=str(path))
+
+    return ws.lock(LOCK_FILE, holder="cache phase", wait=wait, on_wait=waiting,
+                   fix="wait for it to finish, or stop it; two runs would write the same files")
 
 
 def _remove_temporaries(folder: Path) -> None:

@@ -2,11 +2,17 @@
 
 Setup (model, LoRA, optimizer, EMA, data, resume) is in `session.py`; one optimizer step is in
 `step.py`; checkpoints in `checkpoints.py`; the final model in `final.py`.
+
+One training run per workspace: `run_train` holds `state/train.lock` (see `_train_lock`) for its whole run,
+and a second trainer on the same workspace stops at once (InputError, exit 2) before it reads or writes
+anything, instead of training from step 0 into the same checkpoints and metrics log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -26,16 +32,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainer.train")
 
+#: The train phase's lock file under `ws.state_dir`.
+LOCK_FILE = "train.lock"
+
 
 def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None) -> TrainResult:
     """Train (or resume) as the spec says. Returns completed | stopped_early | already_complete.
 
     Raises TrainerError subclasses for what a user can fix (InputError: no cached samples, bad
-    checkpoint path; EnvironmentProblem: a missing optimizer or quantisation package;
-    TrainingDiverged: NaN/inf for max_bad_steps steps),
+    checkpoint path, another train phase running on the workspace (`state/train.lock`);
+    EnvironmentProblem: a missing optimizer or quantisation package; TrainingDiverged: NaN/inf for max_bad_steps steps),
     and `HardStop` (a KeyboardInterrupt) on a second SIGTERM/SIGINT.
     """
     hooks = hooks or TrainHooks()
+    with _train_lock(ws):
+        return _train(spec, ws, hooks)
+
+
+def _train(spec: JobSpec, ws: Workspace, hooks: TrainHooks) -> TrainResult:
     done = _already_complete(spec, ws)
     if done is not None:
         return done
@@ -71,6 +85,35 @@ def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None) -> 
             return TrainResult("completed", s.step, s.total_steps, s.last_checkpoint, final, f"trained {s.step} steps")
     finally:
         s.metrics.close()
+
+
+def _train_lock(ws: Workspace) -> contextlib.AbstractContextManager:
+    """The workspace's train lock, non-blocking, taken by the main process (global rank 0) only.
+
+    What must be kept out is another *run*; the ranks of one run share the workspace by design. Only rank 0
+    writes the shared files (it begins, commits and rotates checkpoints, writes the metrics log and the final
+    model), and the other ranks cannot pass the process-group setup without it, so its lock covers the whole
+    run. When rank 0 of a second run stops here, the launcher (torchrun / accelerate launch) ends its other
+    ranks. The rank comes from the launcher's environment, as accelerate reads it: the lock is taken before
+    the Accelerator exists, before anything is loaded, read or written.
+    """
+    if _launcher_rank() != 0:
+        return contextlib.nullcontext()
+    return ws.lock(LOCK_FILE, holder="train phase", wait=False,
+                   fix="wait for it to finish, or stop it (two runs would write the same checkpoints and logs); a run that "
+                       "died does not hold it: the OS releases the lock when its process exits, so there is nothing to delete")
+
+
+def _launcher_rank() -> int:
+    """This process's global rank as the launcher set it (accelerate's variables), 0 for a plain process."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return 0
 
 
 def _checkpoint(s: TrainSession, hooks: TrainHooks) -> None:
