@@ -37,32 +37,78 @@ def _hub_uri(location: str) -> str:
 
 def _pull_one(spec, uri: str, dest: Path, include: list[str] | None) -> int:
     """Download `uri` into `dest`; files already there with the right size/hash are skipped."""
+    from job.models.sanavideo.loading import PULL_MARKER  # the loader tells a pulled copy from a local path by it
     from job.storage import open_storage
 
     with open_storage(uri, _s3_options(spec)) as store:
         files = store.download_folder("", dest, include=include)
-    atomic_write_text(dest / ".trainer-pull.json", json.dumps({"source": uri, "files": len(files), "time": time.time()}))
+    atomic_write_text(dest / PULL_MARKER, json.dumps({"source": uri, "files": len(files), "time": time.time()}))
     return len(files)
 
 
+# What a local model folder must hold, for the fix text of `_check_local_model`.
+_LOCAL_LAYOUT = {
+    "base model": "a diffusers folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/, with their "
+                  "*.safetensors weights",
+    "VAE": "the Wan VAE: config.json and its weights, or a model folder with vae/",
+    "CREPA encoder": "a DINOv2 folder saved with transformers' save_pretrained: config.json and model.safetensors",
+}
+
+
+def _check_local_model(spec, field: str, label: str, folder: Path) -> None:
+    """A local model path the pull phase uses in place: InputError (exit 2) now, naming the spec field,
+    when it is missing, empty or lacks the model's files — not later in the cache phase. The checks
+    are the loader's own (`check_model_folder`, `locate_vae`), with the weight files required too."""
+    from job.errors import InputError
+
+    try:
+        if label == "base model":
+            from job.models.sanavideo.loading import check_model_folder
+
+            check_model_folder(folder, separate_vae=bool(spec.model.pretrained_vae_model_name_or_path), weights=True)
+        elif label == "VAE":
+            from job.models.sanavideo.loading import locate_vae
+
+            locate_vae(folder, weights=True)
+        elif not folder.is_dir():  # the CREPA encoder: job.train.crepa.load_encoder needs config.json and weights
+            raise InputError(f"the CREPA encoder folder {folder} does not exist")
+        elif not (folder / "config.json").is_file():
+            raise InputError(f"the CREPA encoder folder {folder} has no config.json")
+        elif not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin")):
+            raise InputError(f"the CREPA encoder folder {folder} has no weight file (*.safetensors)")
+    except InputError as exc:
+        raise InputError(
+            f"{field}: {exc.message}",
+            f"correct the path (a local path is used as it is, the pull phase downloads nothing for it; it must hold "
+            f"{_LOCAL_LAYOUT[label]}), or use an hf://owner/repo id so the pull phase downloads it",
+        ) from None
+
+
 def pull(loaded: LoadedSpec, ws: Workspace) -> None:
-    """Weights and datasets into the workspace. Local paths are used in place."""
+    """Weights and datasets into the workspace. Local paths are used in place, after a check that
+    they hold what the job needs (a mistyped path fails here, with exit 2)."""
+    from job.data.plan import dataset_folder
     from job.train.crepa import ENCODER_FILES as CREPA_ENCODER_FILES, encoder_location as crepa_encoder_location
 
     spec = loaded.spec
     wanted: list[tuple[str, str, Path, list[str] | None]] = []
-    for label, location in (("base model", spec.model.pretrained_model_name_or_path),
-                            ("VAE", spec.model.pretrained_vae_model_name_or_path),
-                            ("CREPA encoder", crepa_encoder_location(spec.train.crepa) if spec.train.crepa.enabled else None)):
+    for field, label, location in (
+            ("model.pretrained_model_name_or_path", "base model", spec.model.pretrained_model_name_or_path),
+            ("model.pretrained_vae_model_name_or_path", "VAE", spec.model.pretrained_vae_model_name_or_path),
+            ("train.crepa.encoder_path", "CREPA encoder", crepa_encoder_location(spec.train.crepa) if spec.train.crepa.enabled else None)):
         if not location:
             continue
         local = ws.model_dir(location)
         # ws.model_dir maps remote locations (and bare Hub ids with no such local folder) to a pull folder.
         if local != ws.resolve(location.removeprefix("file://")):
             wanted.append((label, _hub_uri(location), local, MODEL_FILES if label != "CREPA encoder" else CREPA_ENCODER_FILES))
+        else:
+            _check_local_model(spec, field, label, local)
     for ds in spec.data.active():
         if is_remote(ds.source):
             wanted.append((f"dataset {ds.id}", ds.source, ws.dataset_dir(ds), None))
+        else:
+            dataset_folder(spec, ws, ds)  # a local folder that is not there: InputError naming the source field
     if not wanted:
         console.print("pull: nothing to download (every model and dataset is a local path)")
         return

@@ -26,7 +26,7 @@ from job.errors import InputError
 from job.report import event, is_interactive
 from job.spec import JobSpec
 from job.spec.data import VideoDataset
-from job.workspace import Workspace
+from job.workspace import Workspace, is_remote
 
 from .captions import CaptionSource
 from .decode import DecodeError, Window, decode_window, frames_to_tensor
@@ -155,12 +155,31 @@ def plan_dataset(spec: JobSpec, ws: Workspace, *, probe_workers: int | None = No
     return DataPlan(samples=samples, report=report, counts=counts, repeats=repeats, report_file=path)
 
 
-def _plan_one(spec: JobSpec, ws: Workspace, ds: VideoDataset, report: DataReport, probe_workers: int | None) -> list[Sample]:
+def _dataset_index(spec: JobSpec, ds: VideoDataset) -> int:
+    return next((i for i, d in enumerate(spec.data.datasets) if d.id == ds.id), 0)
+
+
+def dataset_folder(spec: JobSpec, ws: Workspace, ds: VideoDataset) -> Path:
+    """The dataset's folder (a local source, or where the pull phase put a remote one).
+
+    InputError (exit 2) when it is not there; the pull phase calls this for local sources, so a
+    mistyped path fails there instead of being reported as nothing to download.
+    """
     root = ws.dataset_dir(ds)
-    if not root.is_dir():
-        where = "pulled into" if root.is_relative_to(ws.root / "datasets") else "at"
-        raise InputError(f"dataset {ds.id!r}: no folder {where} {root} (source: {ds.source})",
-                         "run `trainer pull SPEC` first for remote sources, or fix data.datasets[].source")
+    if root.is_dir():
+        return root
+    if is_remote(ds.source):
+        raise InputError(f"dataset {ds.id!r}: no folder pulled into {root} (source: {ds.source})", "run `trainer pull SPEC` first")
+    field_name = f"data.datasets[{_dataset_index(spec, ds)}].source"
+    what = "is a file, not a folder" if root.exists() else "does not exist"
+    raise InputError(f"dataset {ds.id!r}: no folder at {root}: {field_name} {ds.source!r} {what}",
+                     f"correct {field_name} (relative paths are under the workspace, {ws.root}), or use an "
+                     "hf://datasets/owner/repo or s3://bucket/prefix source so the pull phase downloads it")
+
+
+def _plan_one(spec: JobSpec, ws: Workspace, ds: VideoDataset, report: DataReport, probe_workers: int | None) -> list[Sample]:
+    root = dataset_folder(spec, ws, ds)
+    masks_folder = _masks_folder(spec, ds, root)  # before any probing: a mistyped masks_dir fails at once
     found = discover_videos(root)
     captions = CaptionSource(ds, root)  # may raise InputError (captions file missing)
     quarantine_on = spec.data.delete_problematic_videos
@@ -188,7 +207,7 @@ def _plan_one(spec: JobSpec, ws: Workspace, ds: VideoDataset, report: DataReport
     cache.prune({f.relpath for f in found.files})
     cache.save()
 
-    masks = _mask_index(root / ds.masks_dir) if ds.masks_dir else {}
+    masks = _mask_index(masks_folder) if masks_folder else {}
     framerate = spec.data.framerate
     fraction = spec.data.holdout_fraction
     samples: list[Sample] = []
@@ -229,7 +248,48 @@ def _plan_one(spec: JobSpec, ws: Workspace, ds: VideoDataset, report: DataReport
                 is_i2v=ds.video.is_i2v, window_index=index, mask_path=mask,
             ))
     report.notes.extend(Note(ds.id, n.path, n.message) for n in captions.notes)
+    if masks_folder and spec.train.masked_loss:
+        _note_mask_coverage(ds, masks_folder, masks, samples, report)
     return samples
+
+
+def _masks_folder(spec: JobSpec, ds: VideoDataset, root: Path) -> Path | None:
+    """The dataset's masks folder (`masks_dir`, relative to the dataset folder), None without one.
+
+    A masks_dir that names no folder is an InputError: silently training without masks (or with the
+    masks of another folder) is never what a spec that names one wants.
+    """
+    if not ds.masks_dir:
+        return None
+    folder = root / os.path.expanduser(ds.masks_dir)
+    if folder.is_dir():
+        return folder
+    field_name = f"data.datasets[{_dataset_index(spec, ds)}].masks_dir"
+    what = "is not a folder" if folder.exists() else "does not exist"
+    raise InputError(f"dataset {ds.id!r}: {field_name} {ds.masks_dir!r}: the masks folder {folder} {what}",
+                     f"check the path (a relative masks_dir starts at the dataset folder, {root}), or remove {field_name}"
+                     + (" (then this dataset trains on the whole frame)" if spec.train.masked_loss else ""))
+
+
+def _note_mask_coverage(ds: VideoDataset, folder: Path, masks: dict[str, str], samples: list[Sample], report: DataReport) -> None:
+    """With masked_loss on: warn when no clip of the dataset found its mask, note when only some did."""
+    clips = sorted({s.relpath for s in samples})
+    if not clips:
+        return
+    with_mask = {s.relpath for s in samples if s.mask_path}
+    if not with_mask:
+        example = os.path.splitext(clips[0])[0]
+        message = (f"train.masked_loss is on, but none of the {len(clips)} clip(s) of dataset {ds.id!r} has a mask in "
+                   f"{folder} ({len(masks)} file(s) there); a mask has the clip's relative path and stem, e.g. "
+                   f"{folder / example}.png for {clips[0]}: these clips train on the whole frame")
+        log.warning("%s", message)
+        report.notes.append(Note(ds.id, ds.masks_dir or str(folder), message))
+    elif len(with_mask) < len(clips):
+        missing = [c for c in clips if c not in with_mask]
+        message = (f"{len(missing)} of {len(clips)} clip(s) of dataset {ds.id!r} have no mask in {folder} "
+                   f"(first: {missing[0]}): they train on the whole frame")
+        log.info("%s", message)
+        report.notes.append(Note(ds.id, ds.masks_dir or str(folder), message))
 
 
 def _probe_with_progress(todo, workers, dataset_id) -> dict[str, dict[str, Any]]:
@@ -245,10 +305,9 @@ def _probe_with_progress(todo, workers, dataset_id) -> dict[str, dict[str, Any]]
 
 
 def _mask_index(folder: Path) -> dict[str, str]:
-    """Relative stem -> mask path, for masks (videos or images) under `folder`."""
+    """Relative stem -> mask path, for masks (videos or images) under `folder` (an existing folder:
+    `_masks_folder` checks it)."""
     out: dict[str, str] = {}
-    if not folder.is_dir():
-        return out
     for dirpath, _, names in os.walk(folder, followlinks=True):
         for name in sorted(names):
             if name.startswith("."):
@@ -473,5 +532,5 @@ def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 __all__ = ["Sample", "DataPlan", "plan_dataset", "load_sample", "load_frames", "load_i2v_sample", "first_frame",
-           "record_decode_failure", "SampleDataset", "collate_samples", "holdout_score", "usable_samples", "repeats_needed",
+           "record_decode_failure", "SampleDataset", "dataset_folder", "collate_samples", "holdout_score", "usable_samples", "repeats_needed",
            "QUARANTINE_DIR"]

@@ -242,6 +242,7 @@ def test_pull_fetches_the_default_hub_encoder_or_uses_a_local_folder(tmp_path, t
 
     pulled = []
     monkeypatch.setattr(phases, "_pull_one", lambda spec, uri, dest, include: pulled.append((uri, include)) or 1)
+    (tmp_path / "clips").mkdir()  # the spec's local dataset folder: pull checks that it is there
     hub = loaded(tmp_path, tiny_model, train={"crepa": {"enabled": True, "encoder": "dinov2_vits14"}})
     phases.pull(hub, Workspace.for_spec(hub.spec))
     assert pulled == [("hf://facebook/dinov2-small", ["*.json", "*.safetensors"])]

@@ -13,6 +13,7 @@ are checked before any weight is read, so a mismatch fails in milliseconds.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +54,36 @@ class SanaVideoComponents:
     configs: dict[str, dict] = field(default_factory=dict)  # the parsed config.json of each part
 
 
-def _read_json(path: Path) -> dict:
+PULL_MARKER = ".trainer-pull.json"  # written by the pull phase into each folder it downloads
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+_WEIGHT_PARTS = ("transformer", "vae", "text_encoder")
+
+
+def was_pulled(folder: Path) -> bool:
+    """Whether `folder` is a copy the pull phase downloaded (its marker file, or a workspace
+    `models/<name>-<hash>` folder that a pull left unfinished), rather than a local path of the spec."""
+    folder = Path(folder)
+    return (folder / PULL_MARKER).is_file() or (
+        folder.parent.name == "models" and re.search(r"-[0-9a-f]{8}$", folder.name) is not None)
+
+
+def damaged_fix(folder: Path) -> str:
+    """The fix for an unreadable or truncated file of the model at `folder`."""
+    if was_pulled(folder):
+        return "re-download the model (run the pull phase again)"
+    return (f"{folder} is a local path, which the pull phase does not download: replace the damaged files there with a "
+            "complete copy of the model (copy it again), or use an hf:// id in the spec so pull downloads it")
+
+
+def _read_json(path: Path, folder: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}", "re-download the model (run the pull phase again)") from exc
+        raise InputError(f"cannot read {path}: {exc}", damaged_fix(folder)) from exc
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in _WEIGHT_PATTERNS)
 
 
 def _part_present(root: Path, part: str) -> bool:
@@ -82,18 +108,61 @@ def resolve_parts(parts: Iterable[str] | None) -> set[str]:
     return wanted
 
 
-def _locate_vae(vae_path: Path) -> tuple[Path, str | None]:
-    """A VAE is either `<folder>/vae/config.json` (a full model folder) or `<folder>/config.json`."""
+def locate_vae(vae_path: Path, weights: bool = False) -> tuple[Path, str | None]:
+    """A VAE is either `<folder>/vae/config.json` (a full model folder) or `<folder>/config.json`.
+    `weights`: also require a weight file next to the config (the pull phase's check of a local VAE)."""
+    vae_path = Path(vae_path)
     if not vae_path.exists():
         raise InputError(f"the VAE path {vae_path} does not exist", _FIX_VAE)
     if (vae_path / "vae" / "config.json").is_file():
-        return vae_path, "vae"
-    if (vae_path / "config.json").is_file():
-        return vae_path, None
-    raise InputError(
-        f"no VAE found at {vae_path}: expected {vae_path / 'config.json'} or {vae_path / 'vae' / 'config.json'}",
-        _FIX_VAE,
-    )
+        found: tuple[Path, str | None] = (vae_path, "vae")
+    elif (vae_path / "config.json").is_file():
+        found = (vae_path, None)
+    else:
+        raise InputError(
+            f"no VAE found at {vae_path}: expected {vae_path / 'config.json'} or {vae_path / 'vae' / 'config.json'}",
+            _FIX_VAE,
+        )
+    folder = vae_path / found[1] if found[1] else vae_path
+    if weights and not _has_weights(folder):
+        raise InputError(f"the VAE at {folder} has a config.json but no weight file (*.safetensors)", _FIX_VAE)
+    return found
+
+
+def check_model_folder(root: Path, parts: Iterable[str] | None = ALL_PARTS, *, separate_vae: bool = False,
+                       weights: bool = False) -> set[str]:
+    """Raise `InputError` unless `root` is a folder holding each wanted part (its config file).
+
+    Returns the resolved parts. `separate_vae`: the VAE comes from elsewhere, `vae/` may be absent.
+    `weights`: also require a weight file in transformer/, vae/ and text_encoder/ (no weight is read).
+    Used by `load_components` and by the pull phase for a local model folder.
+    """
+    root = Path(root)
+    wanted = resolve_parts(parts)
+    if not root.is_dir():
+        raise InputError(f"the model folder {root} does not exist", _FIX_FOLDER)
+    try:
+        empty = next(root.iterdir(), None) is None
+    except OSError as exc:
+        raise InputError(f"cannot read the model folder {root}: {exc}", "make the folder readable by this user") from exc
+    if empty:
+        raise InputError(f"the model folder {root} is empty", _FIX_FOLDER)
+    needed_here = set(wanted)
+    if separate_vae:
+        needed_here.discard("vae")
+    missing = sorted(p for p in needed_here if not _part_present(root, p))
+    if missing:
+        raise InputError(
+            f"the model folder {root} is missing {', '.join(p + '/' for p in missing)}", _FIX_FOLDER
+        )
+    if weights:
+        unweighted = sorted(p for p in needed_here & set(_WEIGHT_PARTS) if not _has_weights(root / p))
+        if unweighted:
+            raise InputError(
+                f"the model folder {root} has no weight file (*.safetensors) in {', '.join(p + '/' for p in unweighted)}",
+                _FIX_FOLDER,
+            )
+    return wanted
 
 
 def check_vae_matches(
@@ -135,9 +204,7 @@ def _load(what: str, where: Path, loader, *args, **kwargs):
     try:
         return loader(*args, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise InputError(
-            f"cannot load the {what} from {where}: {exc}", "re-download the model (run the pull phase again)"
-        ) from exc
+        raise InputError(f"cannot load the {what} from {where}: {exc}", damaged_fix(where)) from exc
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -180,23 +247,12 @@ def load_components(
     from diffusers import AutoencoderKLWan, SanaVideoTransformer3DModel
 
     root = Path(model_path)
-    wanted = resolve_parts(parts)
-    if not root.is_dir():
-        raise InputError(f"the model folder {root} does not exist", _FIX_FOLDER)
-
-    needed_here = set(wanted)
-    if vae_path is not None:
-        needed_here.discard("vae")
-    missing = sorted(p for p in needed_here if not _part_present(root, p))
-    if missing:
-        raise InputError(
-            f"the model folder {root} is missing {', '.join(p + '/' for p in missing)}", _FIX_FOLDER
-        )
+    wanted = check_model_folder(root, parts, separate_vae=vae_path is not None)
 
     out = SanaVideoComponents(model_path=root)
     transformer_config = None
     if _part_present(root, "transformer"):
-        transformer_config = _read_json(root / "transformer" / "config.json")
+        transformer_config = _read_json(root / "transformer" / "config.json", root)
         out.configs["transformer"] = transformer_config
         cls = transformer_config.get("_class_name")
         if "transformer" in wanted and cls != EXPECTED_TRANSFORMER_CLASS:
@@ -204,7 +260,7 @@ def load_components(
                 f"{root / 'transformer'} holds a {cls or 'unknown'} model, not a {EXPECTED_TRANSFORMER_CLASS}",
                 _FIX_FOLDER,
             )
-    base_vae_config = _read_json(root / "vae" / "config.json") if _part_present(root, "vae") else None
+    base_vae_config = _read_json(root / "vae" / "config.json", root) if _part_present(root, "vae") else None
 
     if "vae" in wanted:
         if vae_path is None:
@@ -212,9 +268,9 @@ def load_components(
             vae_config = base_vae_config
             check_vae_matches(vae_config, transformer_config, None, where=f"the VAE in {root / 'vae'}")
         else:
-            vae_root, vae_sub = _locate_vae(Path(vae_path))
+            vae_root, vae_sub = locate_vae(Path(vae_path))
             vae_dir = vae_root / vae_sub if vae_sub else vae_root
-            vae_config = _read_json(vae_dir / "config.json")
+            vae_config = _read_json(vae_dir / "config.json", vae_root)
             check_vae_matches(vae_config, transformer_config, base_vae_config, where=f"the VAE at {vae_path}")
             out.vae_path = Path(vae_path)
         out.configs["vae"] = vae_config
@@ -225,7 +281,7 @@ def load_components(
     if "text_encoder" in wanted:
         from transformers import Gemma2Model
 
-        te_config = _read_json(root / "text_encoder" / "config.json")
+        te_config = _read_json(root / "text_encoder" / "config.json", root)
         out.configs["text_encoder"] = te_config
         if transformer_config is not None:
             hidden, caption = te_config.get("hidden_size"), transformer_config.get("caption_channels", 2304)
@@ -249,7 +305,7 @@ def load_components(
     if "scheduler" in wanted:
         import diffusers
 
-        sched_config = _read_json(root / "scheduler" / "scheduler_config.json")
+        sched_config = _read_json(root / "scheduler" / "scheduler_config.json", root)
         out.configs["scheduler"] = sched_config
         cls_name = sched_config.get("_class_name", "")
         sched_cls = getattr(diffusers, cls_name, None)
