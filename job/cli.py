@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +13,8 @@ import typer
 from rich.markup import escape
 
 from job import __version__
-from job.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, EnvironmentProblem, InputError, SpecError, TrainerError
+from job.errors import (EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EnvironmentProblem, InputError, SpecError,
+                        TrainerError)
 from job.report import attach_json_log, console, event, log, register_secrets, setup_logging
 from job.spec import LoadedSpec, json_schema, load_spec, redacted_yaml
 
@@ -93,6 +96,7 @@ def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool, **option
         event(name, **fields)
         webhooks.send(name, fields)
 
+    name = "start"
     try:
         announce("job_started", phases=list(names))
         for name in names:
@@ -108,6 +112,10 @@ def _run_phases(names: tuple[str, ...], spec_path: Path, verbose: bool, **option
         announce("job_finished", phases=list(names))
     except TrainerError as exc:
         webhooks.send("job_failed", {"error": str(exc), "exit_code": exc.exit_code})
+        raise
+    except KeyboardInterrupt as exc:
+        exc.phase = getattr(exc, "phase", name)  # for main()'s message
+        webhooks.send("job_failed", {"error": _interrupted_message(exc), "exit_code": EXIT_INTERRUPTED})
         raise
     finally:
         stop_forwarding()
@@ -248,20 +256,70 @@ def _print_error(exc: TrainerError, prefix: str = "") -> None:
     console.print(f"[bold red]error[/bold red] {escape(prefix + str(exc))}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the train phase (`docker stop`, a preempted machine), raised where the job is, so it
+    leaves through every `finally` as after Ctrl-C. The train phase handles both signals itself (a
+    checkpoint, then exit 0) and puts this handler back when it ends."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _chained(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in `exc`'s chain (itself, its cause or context, and so on)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    message = _interrupted_message(exc)
+    console.print(f"[yellow]{escape(message)}[/yellow]: what finished is kept; run the same command again to continue")
+    event("job_failed", error=message, exit_code=EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
+
+
+def _interrupted_message(exc: KeyboardInterrupt) -> str:
+    name = signal.Signals(getattr(exc, "signum", signal.SIGINT)).name  # a plain KeyboardInterrupt is Ctrl-C
+    phase = getattr(exc, "phase", None)
+    return f"interrupted by {name}" + (f" during the {phase} phase" if phase else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user mistakes end in one message and a documented exit code, bugs in a traceback and 1."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:  # None: a handler set outside Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         # Standalone mode: usage errors print their help and exit 2 through SystemExit.
         app(args=argv, standalone_mode=True)
     except SystemExit as exc:
+        interrupt = _chained(exc, KeyboardInterrupt)  # typer turns Ctrl-C / SIGTERM inside a command into exit 130
+        if interrupt is not None:
+            return _interrupted(interrupt)
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_BAD_INPUT)
     except TrainerError as exc:
         _print_error(exc)
         event("job_failed", error=str(exc), exit_code=exc.exit_code)
         return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except Exception as exc:
         if _disk_full(exc):  # any phase, any library (torch, safetensors, PyAV): a full disk is no bug
             problem = EnvironmentProblem(f"the disk is full: {exc}",

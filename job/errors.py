@@ -5,7 +5,8 @@ wrong, and the fix) by the CLI, never as a traceback. Any other exception is a
 bug in trainer and exits 1 with the traceback.
 
 Exit codes (documented in the README):
-  0 ok, 1 bug, 2 bad spec or input, 3 environment, 4 remote store.
+  0 ok, 1 bug, 2 bad spec or input, 3 environment, 4 remote store, 130 interrupted
+  (SIGTERM / SIGINT outside training, or a second one during training).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 3
 EXIT_REMOTE = 4
+EXIT_INTERRUPTED = 130
 
 
 class TrainerError(Exception):

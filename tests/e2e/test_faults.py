@@ -82,7 +82,7 @@ def killed(result: subprocess.CompletedProcess) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# SIGKILL at each phase boundary and inside cache and train, SIGTERM inside train
+# SIGKILL at each phase boundary and inside cache and train, SIGTERM inside cache and train
 
 
 # (where, what, the phases the run records as finished). Each run starts from what the one before it
@@ -92,6 +92,7 @@ FAULTS = [
     ("phase_finished~'phase': 'preflight'", "kill", []),  # just before the job records a phase as finished
     ("phase_finished~'phase': 'pull'", "kill", ["preflight"]),
     ("cache.text_done", "kill", ["preflight", "pull"]),  # inside cache: text embeddings written, latents not
+    ("cache.text_done", "term", ["preflight", "pull"]),  # docker stop inside cache: exit 130 with the phase named
     ("phase_finished~'phase': 'cache'", "kill", ["preflight", "pull"]),
     ("log~step 2/6", "term", ["preflight", "pull", "cache"]),  # preemption inside train: checkpoint, exit 0
     ("log~step 5/6", "kill", ["preflight", "pull", "cache"]),  # inside train: step 5 done, checkpoint of step 3 the newest
@@ -102,7 +103,7 @@ FAULTS = [
 def test_killed_at_every_phase_boundary_and_inside_cache_and_train_then_rerun_completes(workspace, reference):
     for on, do, finished_before in FAULTS:
         result = faulty_run(workspace, on, do)
-        expected = 0 if do == "term" else -signal.SIGKILL
+        expected = (0 if on.startswith("log~step") else 130) if do == "term" else -signal.SIGKILL
         assert result.returncode == expected, (on, result.returncode, result.stdout + result.stderr)
         events = read_events(workspace)
         run_start = max(i for i, e in enumerate(events) if e["event"] == "job_started")
@@ -112,7 +113,10 @@ def test_killed_at_every_phase_boundary_and_inside_cache_and_train_then_rerun_co
         if on == "phase_finished~'phase': 'cache'":  # the run after the kill inside cache
             text_done = [e for e in events[run_start:] if e["event"] == "cache.text_done"][-1]
             assert int(text_done["cached"]) == 0 and int(text_done["skipped"]) == 6, text_done  # nothing embedded twice
-        if do == "term":  # SIGTERM: the step finishes, a checkpoint is written, exit 0, resumable
+        if do == "term" and on == "cache.text_done":  # outside training: stop where it is, say so, rerun resumes
+            assert "interrupted by SIGTERM during the cache phase" in result.stderr, result.stderr
+            assert events[-1]["event"] == "job_failed" and events[-1]["exit_code"] == 130, events[-1]
+        elif do == "term":  # SIGTERM in training: the step finishes, a checkpoint is written, exit 0, resumable
             assert "resumable" in result.stderr and checkpoints == ["step_000002"]
             assert events[-1]["event"] == "job_finished" and events[-1]["stopped_in"] == "train"
         if on == "log~step 5/6":
