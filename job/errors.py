@@ -80,5 +80,8 @@ class StorageError(TrainerError):
     """A remote store (Hub, S3) failed: bad credentials, missing bucket, network down."""
 
     exit_code = EXIT_REMOTE
+    # True when the store kept failing transiently (network, timeouts, 5xx) until the retries ran out: it is
+    # likely down, and a caller with more to send stops instead of waiting out the retries again.
+    gave_up: bool = False
 
 

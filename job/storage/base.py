@@ -807,6 +807,8 @@ class Storage(abc.ABC):
                     if problem.transient and attempt > 1:
                         err.message += f" (gave up after {attempt} attempts)"
                         err.args = (err.message,)
+                    if problem.transient and isinstance(err, StorageError):
+                        err.gave_up = True
                     raise err from exc
                 log.warning("%s failed (%s); retry %d/%d in %.1fs", what, _short(exc), attempt,
                             policy.attempts - 1, delay)

@@ -57,13 +57,22 @@ def upload_phase(loaded: LoadedSpec, ws: Workspace) -> None:
 
     sent = 0
     not_uploaded: dict[str, list[Path]] = {}
+    store_down = False  # the store stopped answering: the other parts are not tried (each would wait out its retries)
     with open_push_store(spec) as store:
         try:
             sent += _upload_newest_checkpoint(spec, ws, store)
         except TrainerError as exc:
             not_uploaded["newest checkpoint"] = [CheckpointStore(ws.checkpoints_dir).latest() or ws.checkpoints_dir]
             log.warning("upload of the newest checkpoint failed: %s", exc)
+            event("upload_failed", what="newest checkpoint", target=spec.output.push_to, error=str(exc),
+                  files=[str(p) for p in not_uploaded["newest checkpoint"]])
+            store_down = _stops_answering(exc, spec)
         for label, folder, prefix in parts:
+            if store_down:
+                not_uploaded[label] = _local_files(folder)
+                event("upload_failed", what=label, target=spec.output.push_to, error="not tried: the store stopped answering",
+                      files=[str(p) for p in not_uploaded[label][:50]])
+                continue
             try:
                 before = {f.path: f.size for f in list_or_empty(store, prefix)}
                 store.upload_folder(folder, prefix, progress=False)
@@ -75,6 +84,7 @@ def upload_phase(loaded: LoadedSpec, ws: Workspace) -> None:
                 log.warning("upload of the %s failed: %s", label, exc)
                 event("upload_failed", what=label, target=spec.output.push_to, error=str(exc),
                       files=[str(p) for p in files[:50]])
+                store_down = _stops_answering(exc, spec)
     if not_uploaded:
         lines = "; ".join(f"{label}: {', '.join(str(p) for p in files[:5])}" + (f" and {len(files) - 5} more" if len(files) > 5 else "")
                           for label, files in not_uploaded.items())
@@ -84,6 +94,15 @@ def upload_phase(loaded: LoadedSpec, ws: Workspace) -> None:
         console.print(f"[yellow]warning[/yellow] upload: {message}; `trainer upload SPEC` retries")
     event("uploaded", target=spec.output.push_to, files=sent, final_model=final)
     console.print(f"upload: {sent} new or changed files sent to {spec.output.push_to}" + ("" if final else " (no final model yet)"))
+
+
+def _stops_answering(exc: TrainerError, spec) -> bool:
+    """Whether `exc` says the store is down (transient failures until the retries ran out); if so, say
+    that the rest of the upload is not tried."""
+    down = isinstance(exc, StorageError) and exc.gave_up
+    if down:
+        log.warning("%s stopped answering: the remaining parts are not tried (they stay local)", spec.output.push_to)
+    return down
 
 
 def _upload_newest_checkpoint(spec, ws: Workspace, store) -> int:

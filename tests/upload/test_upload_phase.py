@@ -110,14 +110,24 @@ def test_only_missing_files_are_sent_again(tmp_path, s3_bucket, s3_options, fast
     assert puts == ["README.md", "logs/metrics.jsonl", "training_loss.svg", "validation/index.html"], puts
 
 
-def test_final_model_not_uploaded_is_exit_4_naming_the_files(tmp_path, s3_bucket, s3_proxy, fast_push):
+def test_final_model_not_uploaded_is_exit_4_naming_the_files(tmp_path, s3_bucket, s3_proxy, fast_push, monkeypatch):
+    import job.upload.phase as phase
+
     loaded, ws = load(smoke_spec_data(tmp_path / "ws", f"s3://{s3_bucket}/run", s3_proxy.url))
     finished_job(ws)
+    parts_tried = []  # each part's upload starts by listing what the store has under its prefix
+    real_list = phase.list_or_empty
+    monkeypatch.setattr(phase, "list_or_empty", lambda store, prefix: parts_tried.append(prefix) or real_list(store, prefix))
     s3_proxy.set_up(False)
     with pytest.raises(StorageError) as failure:
         upload_phase(loaded, ws)
     assert failure.value.exit_code == 4
     assert "final model" in str(failure.value) and "diffusion_pytorch_model.safetensors" in str(failure.value)
+    # The newest checkpoint found the store down after its retries: no other part waits out its own
+    # retries against it (with real timeouts, 15 minutes each), and every part is named as not uploaded.
+    assert parts_tried == [], parts_tried
+    for label in ("newest checkpoint", "validation videos", "logs", "final model", "model card"):
+        assert label in str(failure.value), str(failure.value)
     assert (ws.final_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file()  # kept
     # Once the store is back, `trainer upload` sends it.
     s3_proxy.set_up(True)
