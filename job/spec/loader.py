@@ -94,6 +94,10 @@ def expand_env(data: Any, env: typing.Mapping[str, str], path: str = "",
             secrets.append(value)
         return value
 
+    if "${" in _ENV_PATTERN.sub("", data):  # what is left after every well-formed reference and $$
+        problems.append(SpecProblem(path, "has a ${ that is not a complete ${NAME} or ${NAME:-default} reference",
+                                    "close it with }, or write $${ for a literal ${"))
+        return data
     expanded = _ENV_PATTERN.sub(replace, data)
     # A whole-value reference may stand for a number or a boolean: let YAML type it.
     if expanded != data and _ENV_PATTERN.fullmatch(data.strip()) and expanded:
@@ -182,6 +186,9 @@ def problems_from_validation(exc: ValidationError, secrets: list[str] = ()) -> l
             allowed = sorted(owner.model_fields) if owner else []
             guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             fix = f"did you mean '{guess[0]}'?" if guess else (f"allowed keys here: {', '.join(allowed)}" if allowed else "remove it")
+            if _SECRET_NAME.search(key):  # a credential the user tried to put in the spec: say where it goes instead
+                fix = ("credentials are never written in the spec: set HF_TOKEN (the Hub) or AWS_ACCESS_KEY_ID / "
+                       "AWS_SECRET_ACCESS_KEY (S3) in the environment, and remove this key")
             problems.append(SpecProblem(path, "unknown key", fix))
             continue
         if kind == "missing":

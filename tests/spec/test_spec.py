@@ -161,6 +161,19 @@ def test_an_unquoted_no_is_explained_as_yaml_reading_a_boolean(tmp_path):
     assert 'quote it: "no"' in message, message
 
 
+def test_a_token_under_an_unknown_key_points_at_the_environment_not_at_a_similar_key():
+    problems = problems_of(spec_with(**{"output.hub_token": "hf_abcdefgh"}))
+    assert any(p.startswith("output.hub_token") and "HF_TOKEN" in p and "hub_private" not in p for p in problems), problems
+    assert not any("hf_abcdefgh" in p for p in problems), problems
+
+
+def test_a_half_written_variable_reference_is_a_problem_not_literal_text():
+    problems = problems_of(spec_with(**{"data.datasets.0.source": "${MY_DATA/clips"}))
+    assert any(p.startswith("data.datasets[0].source") and "not a complete ${NAME}" in p for p in problems), problems
+    escaped = validate_data(spec_with(**{"data.datasets.0.source": "clips$${x}"}), env={})  # $$ escapes a literal ${
+    assert escaped.spec.data.datasets[0].source == "clips${x}"
+
+
 def test_an_endpoint_with_credentials_is_refused_without_repeating_them():
     problems = problems_of(spec_with(**{"storage.s3.endpoint_url": "http://minio:S3cretPass@127.0.0.1:9000"}))
     assert problems and not any("S3cretPass" in p for p in problems), problems
