@@ -149,6 +149,17 @@ def test_import_simpletuner_unsupported_precision_is_a_spec_error(tmp_path, caps
     assert field in err and ("'bf16', 'fp8' or 'no'" in err if value == "fp16" else "train.mixed_precision: fp8" in err), err
 
 
+def test_import_simpletuner_problems_name_the_simpletuner_key_to_fix(tmp_path, capsys):
+    config = json.loads((FIXTURES / "config.json").read_text())
+    del config["max_train_steps"]
+    config.pop("num_train_epochs", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["import-simpletuner", str(tmp_path / "config.json"), str(FIXTURES / "multidatabackend.json")]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_train_steps" in err and "--max_train_steps in the SimpleTuner config" in err, err
+    assert "fix the SimpleTuner file and import again" in err, err
+
+
 @pytest.mark.parametrize("value,expected", [("int8-quanto", "int8"), ("fp8-torchao", "fp8"), ("no_change", "bf16"),
                                             ("int4-quanto", None), ("nf4-bnb", None)])
 def test_import_simpletuner_base_precision_names(tmp_path, capsys, value, expected):

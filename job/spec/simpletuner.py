@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from job.errors import InputError
+from job.errors import InputError, SpecError, SpecProblem
 
 # SimpleTuner key -> dotted spec path (values copied as they are).
 _CONFIG_KEYS: dict[str, str] = {
@@ -297,8 +297,20 @@ def convert_files(config_path: Path, backend_path: Path | None) -> tuple[str, li
         "# Check it with `trainer validate`; keys that were not imported are listed by the import command.\n"
     )
     text = header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    validate_data(yaml.safe_load(text), source="imported spec", env={})  # raises SpecError naming every problem
+    try:
+        validate_data(yaml.safe_load(text), source="imported spec", env={})
+    except SpecError as exc:  # every problem, each named by the SimpleTuner key to fix where one maps to it
+        raise SpecError([_in_simpletuner_terms(p) for p in exc.problems],
+                        f"the spec imported from {config_path.name} (fix the SimpleTuner file and import again)") from None
     return text, unsupported
+
+
+def _in_simpletuner_terms(problem: SpecProblem) -> SpecProblem:
+    keys = [key for key, path in _CONFIG_KEYS.items() if path == problem.path]
+    if not keys:
+        return problem
+    where = f"--{keys[0]} in the SimpleTuner config"
+    return SpecProblem(problem.path, problem.message, f"{problem.fix} ({where})" if problem.fix else f"set {where}")
 
 
 def _read_json(path: Path, kind: type) -> Any:
