@@ -207,7 +207,7 @@ def _eval_loss_hook(spec, ws: Workspace) -> Callable:
 
 def train(loaded: LoadedSpec, ws: Workspace, webhooks=None) -> None:
     """`webhooks`: the job's `job.report.webhooks.Webhooks` (the CLI owns and closes it)."""
-    from job.train import TrainHooks, run_train
+    from job.train import TrainHooks, run_train, train_lock
 
     spec = loaded.spec
     hooks = TrainHooks()
@@ -219,13 +219,14 @@ def train(loaded: LoadedSpec, ws: Workspace, webhooks=None) -> None:
         hooks.on_checkpoint.append(lambda path, step: webhooks.send("checkpoint_saved", {"step": step, "path": str(path)}))
     from job.upload import TrainUploads
 
-    uploads = TrainUploads.start(spec, ws, hooks)  # remote resume, then checkpoints uploaded in the background
-    try:
-        result = run_train(spec, ws, hooks)
-    except BaseException:
-        uploads.abandon()
-        raise
-    uploads.finish(result)
+    with train_lock(ws):  # before the remote resume, which writes into the checkpoints folder too
+        uploads = TrainUploads.start(spec, ws, hooks)  # remote resume, then checkpoints uploaded in the background
+        try:
+            result = run_train(spec, ws, hooks, lock=False)
+        except BaseException:
+            uploads.abandon()
+            raise
+        uploads.finish(result)
     console.print(f"train: {result.status} at step {result.step}/{result.total_steps}" + (f" — {result.message}" if result.message else ""))
     if result.resumable:
         # Stopped by a signal or the wall-clock budget: the next start resumes. Nothing after train runs.

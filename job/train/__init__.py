@@ -10,11 +10,18 @@ step), `optimizers`, `schedulers`, `ema`, `lora`, `model`, `checkpoints`, `final
 
 from .hooks import StepInfo, TrainHooks, TrainResult
 
-__all__ = ["run_train", "TrainHooks", "TrainResult", "StepInfo"]
+__all__ = ["run_train", "train_lock", "TrainHooks", "TrainResult", "StepInfo"]
 
 
-def run_train(spec, ws, hooks: TrainHooks | None = None) -> TrainResult:
+def run_train(spec, ws, hooks: TrainHooks | None = None, *, lock: bool = True) -> TrainResult:
     """See `job.train.loop.run_train`."""
     from .loop import run_train as _run
 
-    return _run(spec, ws, hooks)
+    return _run(spec, ws, hooks, lock=lock)
+
+
+def train_lock(ws):
+    """See `job.train.loop.train_lock`: one training run per workspace."""
+    from .loop import train_lock as _lock
+
+    return _lock(ws)

@@ -3,7 +3,7 @@
 Setup (model, LoRA, optimizer, EMA, data, resume) is in `session.py`; one optimizer step is in
 `step.py`; checkpoints in `checkpoints.py`; the final model in `final.py`.
 
-One training run per workspace: `run_train` holds `state/train.lock` (see `_train_lock`) for its whole run,
+One training run per workspace: `run_train` holds `state/train.lock` (see `train_lock`) for its whole run,
 and a second trainer on the same workspace stops at once (InputError, exit 2) before it reads or writes
 anything, instead of training from step 0 into the same checkpoints and metrics log.
 """
@@ -36,16 +36,17 @@ log = logging.getLogger("trainer.train")
 LOCK_FILE = "train.lock"
 
 
-def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None) -> TrainResult:
+def run_train(spec: JobSpec, ws: Workspace, hooks: TrainHooks | None = None, *, lock: bool = True) -> TrainResult:
     """Train (or resume) as the spec says. Returns completed | stopped_early | already_complete.
 
     Raises TrainerError subclasses for what a user can fix (InputError: no cached samples, bad
     checkpoint path, another train phase running on the workspace (`state/train.lock`);
     EnvironmentProblem: a missing optimizer or quantisation package; TrainingDiverged: NaN/inf for max_bad_steps steps),
-    and `HardStop` (a KeyboardInterrupt) on a second SIGTERM/SIGINT.
+    and `HardStop` (a KeyboardInterrupt) on a second SIGTERM/SIGINT. `lock=False`: the caller holds
+    `train_lock(ws)` already (the train phase, around its remote resume too).
     """
     hooks = hooks or TrainHooks()
-    with _train_lock(ws):
+    with train_lock(ws) if lock else contextlib.nullcontext():
         return _train(spec, ws, hooks)
 
 
@@ -87,7 +88,7 @@ def _train(spec: JobSpec, ws: Workspace, hooks: TrainHooks) -> TrainResult:
         s.metrics.close()
 
 
-def _train_lock(ws: Workspace) -> contextlib.AbstractContextManager:
+def train_lock(ws: Workspace) -> contextlib.AbstractContextManager:
     """The workspace's train lock, non-blocking, taken by the main process (global rank 0) only.
 
     What must be kept out is another *run*; the ranks of one run share the workspace by design. Only rank 0

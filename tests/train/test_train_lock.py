@@ -11,7 +11,7 @@ import pytest
 
 from job.errors import EXIT_BAD_INPUT, InputError
 from job.train import TrainHooks, run_train
-from job.train.loop import _train_lock
+from job.train.loop import train_lock
 from train_helpers import make_job
 
 
@@ -77,8 +77,25 @@ def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
     for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RANK", "1")
-    with _train_lock(FakeWs()):
+    with train_lock(FakeWs()):
         pass
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(AssertionError):
-        _train_lock(FakeWs())
+        train_lock(FakeWs())
+
+
+def test_the_train_phase_takes_the_lock_before_its_remote_resume(tmp_path, tiny_model, monkeypatch):
+    """The phase's remote resume writes into the checkpoints folder too: a second trainer stops before it."""
+    import job.phases as phases
+    import job.upload
+    from job.workspace import Workspace
+    from pipeline_helpers import loaded
+
+    started = []
+    monkeypatch.setattr(job.upload.TrainUploads, "start", classmethod(lambda cls, *a: started.append(a)))
+    job_spec = loaded(tmp_path, tiny_model)
+    ws = Workspace.for_spec(job_spec.spec)
+    with held(ws.state_dir / "train.lock"):
+        with pytest.raises(InputError, match="another train phase is running"):
+            phases.train(job_spec, ws)
+    assert started == []
