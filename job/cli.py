@@ -270,11 +270,12 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signum)
 
 
-def _chained(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of `kind` in `exc`'s chain (itself, its cause or context, and so on)."""
+def _in_chain(exc: BaseException | None, matches) -> BaseException | None:
+    """The first exception in `exc`'s chain (itself, its cause or context, and so on) that `matches`:
+    libraries wrap what happened in their own errors."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kind):
+        if matches(exc):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -310,7 +311,7 @@ def _main(argv: list[str] | None) -> int:
         # Standalone mode: usage errors print their help and exit 2 through SystemExit.
         app(args=argv, standalone_mode=True)
     except SystemExit as exc:
-        interrupt = _chained(exc, KeyboardInterrupt)  # typer turns Ctrl-C / SIGTERM inside a command into exit 130
+        interrupt = _in_chain(exc, lambda e: isinstance(e, KeyboardInterrupt))  # typer turns Ctrl-C / SIGTERM inside a command into exit 130
         if interrupt is not None:
             return _interrupted(interrupt)
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_BAD_INPUT)
@@ -343,16 +344,11 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _disk_full(exc: BaseException | None) -> bool:
-    """ENOSPC anywhere in the exception chain (libraries wrap it in their own errors, some only in text)."""
+    """ENOSPC anywhere in the exception chain (some libraries say it only in text)."""
     import errno
 
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return _in_chain(exc, lambda e: (isinstance(e, OSError) and e.errno == errno.ENOSPC)
+                     or "No space left on device" in str(e)) is not None
 
 
 def _path_refused(exc: BaseException | None) -> OSError | None:
@@ -360,13 +356,7 @@ def _path_refused(exc: BaseException | None) -> OSError | None:
     import errno
 
     refusals = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in refusals and exc.filename:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return _in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in refusals and bool(e.filename))
 
 
 if __name__ == "__main__":
