@@ -127,6 +127,15 @@ class DataReport:
             if len(self.problems) > max_rows:
                 bad.add_row("...", f"{len(self.problems) - max_rows} more in the JSON report", "", "", "")
             console.print(bad)
+        if self.notes:  # caption-file lines ignored, encodings replaced, clips without a mask: on screen, not only in the JSON
+            notes = Table(title=f"notes ({len(self.notes)})")
+            for col in ("dataset", "where", "note"):
+                notes.add_column(col, overflow="fold")
+            for n in self.notes[:max_rows]:
+                notes.add_row(n.dataset, n.path, n.message)
+            if len(self.notes) > max_rows:
+                notes.add_row("...", f"{len(self.notes) - max_rows} more in the JSON report", "")
+            console.print(notes)
 
 
 def quarantine(root: Path, relpath: str, reason: str, detail: str) -> Path:

@@ -212,6 +212,20 @@ def test_report_summary_prints(tmp_path, corpus):
     assert "bad/zero.mp4" in text and "zero bytes" in text and "96x80@9: 2" in text
 
 
+def test_report_summary_prints_the_notes_too():
+    """A caption-file line that was ignored is on screen, not only in state/data_report.json."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from job.data.report import DataReport, Note
+
+    report = DataReport(notes=[Note("b", "caps.jsonl:3", 'not a JSON object with "path" and "caption": line ignored')])
+    out = StringIO()
+    report.print_summary(Console(file=out, width=200))
+    assert "notes (1)" in out.getvalue() and "caps.jsonl:3" in out.getvalue() and "line ignored" in out.getvalue()
+
+
 def test_clip_broken_after_planning_is_reported_and_skipped(tmp_path, corpus):
     root = tmp_path / "ds"
     for i in range(3):
