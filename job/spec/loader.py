@@ -155,6 +155,17 @@ def _describe_value(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_TYPE_FIXES = {  # pydantic's error kind -> how to write the value
+    "int_parsing": "write a whole number without units or quotes, e.g. 480",
+    "int_type": "write a whole number without units or quotes, e.g. 480",
+    "int_from_float": "write a whole number, e.g. 480",
+    "float_parsing": "write a number without units or quotes, e.g. 0.0001 or 1e-4",
+    "float_type": "write a number without units or quotes, e.g. 0.0001 or 1e-4",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+}
+
+
 def _yaml_boolean_word(value: Any, expected: str) -> str | None:
     """The allowed choice (no, off, yes, on, ...) that YAML turned into `value`, a boolean, if any."""
     if not isinstance(value, bool):
@@ -209,7 +220,7 @@ def problems_from_validation(exc: ValidationError, secrets: list[str] = ()) -> l
             message = f"{_describe_value(err.get('input'))} does not match the allowed form {ctx.get('pattern')}"
         elif "input" in err and kind not in ("model_type", "dict_type"):
             message = f"{message} (got {_describe_value(err['input'])})"
-        problems.append(SpecProblem(path, message))
+        problems.append(SpecProblem(path, message, _TYPE_FIXES.get(kind)))
     # One problem per path and message (unions report each member).
     unique: dict[tuple[str, str], SpecProblem] = {}
     for p in problems:

@@ -136,6 +136,9 @@ RULES = [
     ({"train.optimizer": "sgd"}, "train.optimizer", "expected"),
     ({"train.learning_rate": -1}, "train.learning_rate", "greater than 0"),
     ({"train.train_batch_size": "two"}, "train.train_batch_size", "integer"),
+    ({"data.datasets.0.resolution": "480p"}, "data.datasets[0].resolution", "write a whole number without units"),
+    ({"train.learning_rate": "abc"}, "train.learning_rate", "e.g. 0.0001 or 1e-4"),
+    ({"memory.gradient_checkpointing": "maybe"}, "memory.gradient_checkpointing", "write true or false"),
     ({"model.family": "flux"}, "model.family", "sanavideo"),
     ({"checkpoints.resume_from_checkpoint": "  "}, "checkpoints.resume_from_checkpoint", "latest"),
 ]
