@@ -70,12 +70,10 @@ def _check_local_model(spec, field: str, label: str, folder: Path) -> None:
             from job.models.sanavideo.loading import locate_vae
 
             locate_vae(folder, weights=True)
-        elif not folder.is_dir():  # the CREPA encoder: job.train.crepa.load_encoder needs config.json and weights
-            raise InputError(f"the CREPA encoder folder {folder} does not exist")
-        elif not (folder / "config.json").is_file():
-            raise InputError(f"the CREPA encoder folder {folder} has no config.json")
-        elif not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin")):
-            raise InputError(f"the CREPA encoder folder {folder} has no weight file (*.safetensors)")
+        else:
+            from job.train.crepa import check_encoder_folder
+
+            check_encoder_folder(folder)
     except InputError as exc:
         raise InputError(
             f"{field}: {exc.message}",

@@ -90,6 +90,17 @@ def encoder_identity(spec, ws) -> str:
     return f"{crepa.encoder}@{crepa.encoder_image_size}/g{GRID_LONG_SIDE}/{h.hexdigest()[:16]}"
 
 
+def check_encoder_folder(folder: Path, fix: str | None = None) -> None:
+    """InputError unless `folder` holds a model saved with transformers' save_pretrained: config.json and a
+    weight file (the loader's check, and the pull phase's for a local encoder_path)."""
+    if not folder.is_dir():
+        raise InputError(f"the CREPA encoder folder {folder} does not exist", fix)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"the CREPA encoder folder {folder} has no config.json", fix)
+    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin")):
+        raise InputError(f"the CREPA encoder folder {folder} has no weight file (*.safetensors)", fix)
+
+
 def load_encoder(spec, ws, device: torch.device, dtype: torch.dtype):
     """The frozen DINOv2 encoder (transformers `Dinov2Model`) from its pulled or local folder."""
     from transformers import Dinov2Model
@@ -97,8 +108,7 @@ def load_encoder(spec, ws, device: torch.device, dtype: torch.dtype):
     folder = encoder_folder(spec, ws)
     fix = ("run `trainer pull SPEC` (it downloads " + encoder_location(spec.train.crepa) + "), or set "
            "train.crepa.encoder_path to a folder saved with transformers' save_pretrained")
-    if not (folder / "config.json").is_file():
-        raise InputError(f"the CREPA encoder folder {folder} has no config.json", fix)
+    check_encoder_folder(folder, fix)
     try:
         encoder = Dinov2Model.from_pretrained(str(folder), torch_dtype=dtype)
     except (OSError, ValueError) as exc:

@@ -210,7 +210,7 @@ def test_clear_errors_for_a_missing_block_or_features(tmp_path, tiny_model, tiny
 
 def test_a_missing_encoder_folder_is_a_clear_error(tmp_path, tiny_model):
     spec, ws = crepa_job(tmp_path, tiny_model, tmp_path / "no-such-encoder")
-    with pytest.raises(InputError, match="has no config.json"):
+    with pytest.raises(InputError, match="no-such-encoder does not exist"):
         cache(spec, ws)
 
 
