@@ -74,7 +74,10 @@ def _train(spec: JobSpec, ws: Workspace, hooks: TrainHooks) -> TrainResult:
                     for callback in hooks.on_step_end:
                         callback(StepInfo(s.step, s.total_steps, s.epoch, metrics, s.accelerator.is_main_process, s))
                 stop_now, time_due = _agreed_flags(s, stop)
-                if s.step < s.total_steps and (stop_now or time_due or s.step % spec.checkpoints.step_interval == 0):
+                if s.step >= s.total_steps:
+                    break  # the last step: a stop request now is served by finishing (final checkpoint and model)
+                interval_due = not out.skipped and s.step % spec.checkpoints.step_interval == 0  # a skipped step saves nothing new
+                if stop_now or time_due or interval_due:
                     _checkpoint(s, hooks)
                 if stop_now:
                     return _stopped(s, stop)
