@@ -46,6 +46,7 @@ log = logging.getLogger("trainer.train")
 
 COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
+SET_ASIDE = "set-aside"  # checkpoints of another history (see CheckpointStore.set_aside_after)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -187,6 +188,28 @@ class CheckpointStore:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         return removed
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Move the complete checkpoints numbered above `step` into `set-aside/`, returning their new paths.
+
+        A run resuming from `step` (`latest` skipped damaged newer ones, or an earlier checkpoint was named)
+        starts another history. Left in place, those newer folders would outrank its checkpoints: rotation
+        (which keeps the highest steps) would delete each new checkpoint in their favour, and a later `latest`
+        would resume them. They are moved, not deleted: they are the user's.
+        """
+        moved = []
+        for found, path in self.complete():
+            if found <= step:
+                continue
+            dest = self.root / SET_ASIDE / path.name
+            if dest.exists():
+                dest = dest.with_name(f"{path.name}-{time.time_ns()}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+            moved.append(dest)
+        if moved:
+            fsync_dir(self.root)
+        return moved
 
     def resolve(self, value: str, resolve_path) -> Path | None:
         """`checkpoints.resume_from_checkpoint` -> the folder to resume from (None = start fresh)."""

@@ -275,6 +275,15 @@ def build_session(spec, ws) -> TrainSession:
     if spec.checkpoints.resume_from_checkpoint == "none" and store.complete():
         raise InputError(f"checkpoints of an earlier run are in {store.root}, and resume_from_checkpoint is 'none': the runs would mix",
                          "use resume_from_checkpoint: latest to continue it, or move that folder away to start fresh")
+    resume_step = 0 if resume_from is None else ckpt.checkpoint_step(resume_from) or 0
+    if resume_step > total_steps:
+        raise InputError(f"checkpoint {resume_from} is at step {resume_step}, past this spec's {total_steps} training steps",
+                         "raise train.max_train_steps (or num_train_epochs) to continue it, or name an earlier checkpoint "
+                         "in checkpoints.resume_from_checkpoint")
+    if accelerator.is_main_process:
+        for moved in store.set_aside_after(resume_step):
+            log.warning("checkpoint %s is past the step this run starts from (%d), so it belongs to another history: moved "
+                        "to %s, so that rotation and later resumes keep to this run's checkpoints", moved.name, resume_step, moved)
 
     set_seed(t.seed)
     transformer = load_transformer(spec, ws)
