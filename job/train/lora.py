@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from job.errors import InputError
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -66,7 +68,16 @@ def load_lora_into(transformer, folder: Path) -> None:
 
     state = SanaVideoPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    result = set_peft_model_state_dict(transformer, state)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"LoRA checkpoint {folder} has keys this adapter does not: {unexpected[:5]}")
+    fix = ("resume with the model.lora settings the checkpoint was written with, or start a new run in another "
+           "workspace (or move the checkpoints folder away)")
+    try:
+        result = set_peft_model_state_dict(transformer, state)
+    except RuntimeError as exc:  # a tensor of another shape: the rank changed
+        raise InputError(f"LoRA checkpoint {folder} does not fit this spec's adapter (model.lora.rank changed?): "
+                         f"{str(exc).splitlines()[-1].strip()[:300]}", fix) from None
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]  # the base weights are not in it
+    if unexpected or missing:
+        what = (f"adapters this spec does not add, e.g. {unexpected[0]}" if unexpected
+                else f"no weights for adapters this spec adds, e.g. {missing[0]}")
+        raise InputError(f"LoRA checkpoint {folder} has {what} (model.lora.target_modules changed since it was written)", fix)
