@@ -282,6 +282,13 @@ def _in_chain(exc: BaseException | None, matches) -> BaseException | None:
     return None
 
 
+def _failed(exc: TrainerError) -> int:
+    """One message, the job_failed event, the documented exit code."""
+    _print_error(exc)
+    event("job_failed", error=str(exc), exit_code=exc.exit_code)
+    return exc.exit_code
+
+
 def _interrupted(exc: KeyboardInterrupt) -> int:
     message = _interrupted_message(exc)
     console.print(f"[yellow]{escape(message)}[/yellow]: what finished is kept; run the same command again to continue")
@@ -316,28 +323,20 @@ def _main(argv: list[str] | None) -> int:
             return _interrupted(interrupt)
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_BAD_INPUT)
     except TrainerError as exc:
-        _print_error(exc)
-        event("job_failed", error=str(exc), exit_code=exc.exit_code)
-        return exc.exit_code
+        return _failed(exc)
     except KeyboardInterrupt as exc:
         return _interrupted(exc)
     except Exception as exc:
         if _disk_full(exc):  # any phase, any library (torch, safetensors, PyAV): a full disk is no bug
-            problem = EnvironmentProblem(f"the disk is full: {exc}",
-                                         "free space on the workspace volume (or give it a larger one), then run the "
-                                         "same command again: it resumes from what was written, the last checkpoint")
-            _print_error(problem)
-            event("job_failed", error=str(problem), exit_code=problem.exit_code)
-            return problem.exit_code
+            return _failed(EnvironmentProblem(f"the disk is full: {exc}",
+                                              "free space on the workspace volume (or give it a larger one), then run the "
+                                              "same command again: it resumes from what was written, the last checkpoint"))
         refused = _path_refused(exc)
         if refused is not None:  # a read-only volume, a folder without permission, a file where a folder goes
-            problem = EnvironmentProblem(f"cannot write or open {refused.filename}: {refused.strerror}",
-                                         "mount the workspace volume writable and check the folder's owner and "
-                                         "permissions, or point `workspace` / `output.dir` in the spec at a folder "
-                                         "this user can write")
-            _print_error(problem)
-            event("job_failed", error=str(problem), exit_code=problem.exit_code)
-            return problem.exit_code
+            return _failed(EnvironmentProblem(f"cannot write or open {refused.filename}: {refused.strerror}",
+                                              "mount the workspace volume writable and check the folder's owner and "
+                                              "permissions, or point `workspace` / `output.dir` in the spec at a folder "
+                                              "this user can write"))
         console.print_exception()  # a bug in trainer: show everything
         return EXIT_BUG
     return EXIT_OK
