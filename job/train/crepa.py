@@ -97,7 +97,9 @@ def check_encoder_folder(folder: Path, fix: str | None = None) -> None:
         raise InputError(f"the CREPA encoder folder {folder} does not exist", fix)
     if not (folder / "config.json").is_file():
         raise InputError(f"the CREPA encoder folder {folder} has no config.json", fix)
-    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin")):
+    from job.models.sanavideo.loading import has_weights
+
+    if not has_weights(folder):
         raise InputError(f"the CREPA encoder folder {folder} has no weight file (*.safetensors)", fix)
 
 

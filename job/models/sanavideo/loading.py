@@ -82,7 +82,8 @@ def _read_json(path: Path, folder: Path) -> dict:
         raise InputError(f"cannot read {path}: {exc}", damaged_fix(folder)) from exc
 
 
-def _has_weights(folder: Path) -> bool:
+def has_weights(folder: Path) -> bool:
+    """Whether `folder` holds a weight file (*.safetensors or *.bin); none is read."""
     return any(next(folder.glob(pattern), None) is not None for pattern in _WEIGHT_PATTERNS)
 
 
@@ -124,7 +125,7 @@ def locate_vae(vae_path: Path, weights: bool = False) -> tuple[Path, str | None]
             _FIX_VAE,
         )
     folder = vae_path / found[1] if found[1] else vae_path
-    if weights and not _has_weights(folder):
+    if weights and not has_weights(folder):
         raise InputError(f"the VAE at {folder} has a config.json but no weight file (*.safetensors)", _FIX_VAE)
     return found
 
@@ -156,7 +157,7 @@ def check_model_folder(root: Path, parts: Iterable[str] | None = ALL_PARTS, *, s
             f"the model folder {root} is missing {', '.join(p + '/' for p in missing)}", _FIX_FOLDER
         )
     if weights:
-        unweighted = sorted(p for p in needed_here & set(_WEIGHT_PARTS) if not _has_weights(root / p))
+        unweighted = sorted(p for p in needed_here & set(_WEIGHT_PARTS) if not has_weights(root / p))
         if unweighted:
             raise InputError(
                 f"the model folder {root} has no weight file (*.safetensors) in {', '.join(p + '/' for p in unweighted)}",
